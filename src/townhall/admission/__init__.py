@@ -1,0 +1,1 @@
+"""Admission: who may in, how fast, and what is shed first."""

@@ -1,0 +1,68 @@
+"""Rate limits behind a small interface, on the ``limits`` library.
+
+The embedded default keeps counters in process memory; ``redis_url`` (scale-out) shares them
+between nodes. Both use the moving-window strategy, which is exact: there is no window edge at
+which a client can fit two windows' worth of hits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Protocol, cast
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitDecision:
+    allowed: bool
+    # Whole seconds until a retry can succeed; 0 when allowed.
+    retry_after: int
+
+
+class Limiter(Protocol):
+    """Counts hits of ``key`` against ``rule`` (``"10/minute"``)."""
+
+    async def hit(self, rule: str, *key: str) -> LimitDecision: ...
+
+    async def close(self) -> None: ...
+
+
+class LimitsLimiter:
+    """A ``Limiter`` over any ``limits`` async storage (memory, Redis)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._strategy = MovingWindowRateLimiter(storage)
+        self._rules: dict[str, RateLimitItem] = {}
+
+    @classmethod
+    def from_url(cls, url: str | None) -> LimitsLimiter:
+        if not url or url == "memory://":
+            return cls(MemoryStorage())
+        storage = storage_from_string(url.replace("redis://", "async+redis://", 1))
+        return cls(cast(Storage, storage))
+
+    def _rule(self, rule: str) -> RateLimitItem:
+        item = self._rules.get(rule)
+        if item is None:
+            item = self._rules[rule] = parse(rule)
+        return item
+
+    async def hit(self, rule: str, *key: str) -> LimitDecision:
+        item = self._rule(rule)
+        if await self._strategy.hit(item, *key):
+            return LimitDecision(True, 0)
+        stats = await self._strategy.get_window_stats(item, *key)
+        return LimitDecision(False, max(1, math.ceil(stats.reset_time - time.time())))
+
+    async def close(self) -> None:
+        # Memory counters die with the process (reset also stops their expiry task); shared
+        # Redis counters must outlive this node, so they are left alone.
+        if isinstance(self._storage, MemoryStorage):
+            await self._storage.reset()

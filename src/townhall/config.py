@@ -1,0 +1,149 @@
+"""One typed configuration object, loaded from a TOML file and ``TOWNHALL_*`` variables.
+
+Precedence, lowest to highest: defaults, the TOML file (``--config`` or ``TOWNHALL_CONFIG``),
+``TOWNHALL_*`` environment variables, then explicit command-line flags. Every knob is
+documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "TOWNHALL_"
+
+
+class ConfigError(ValueError):
+    """A setting could not be parsed; the message names the setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a townhall node, with a safe default for the embedded mode."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data: Path = Path("./townhall-data")
+    # Empty means the embedded default: a SQLite file under ``data``.
+    database_url: str = ""
+    # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
+    public_url: str = ""
+    log_level: str = "info"
+    # Largest request body the control plane reads, in bytes.
+    max_body_bytes: int = 64 * 1024
+    # Bearer sessions.
+    session_ttl_seconds: int = 30 * 24 * 3600
+    # argon2id cost; the defaults are argon2-cffi's RFC 9106 "low memory" profile.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    argon2_parallelism: int = 4
+    # Login attempts: "N per period" strings in the `limits` library's notation.
+    login_limit_per_account: str = "10/minute"
+    login_limit_per_address: str = "30/minute"
+    signup_limit_per_address: str = "20/minute"
+    post_limit_per_account: str = "30/minute"
+    # Feed and listing page sizes.
+    page_size_default: int = 20
+    page_size_max: int = 100
+    # Seconds a readiness probe waits for the database before reporting not ready.
+    readiness_timeout_seconds: float = 2.0
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data / 'townhall.db').resolve()}"
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.host}:{self.port}"
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: Config | None = None) -> Config:
+        """Overlay ``values`` (strings or typed values) on ``base``; unknown keys are errors."""
+        base = base or cls()
+        hints = get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_").lower()
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key!r}")
+            changes[name] = _coerce(name, hints[name], raw)
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
+    def from_toml(cls, path: Path, base: Config | None = None) -> Config:
+        try:
+            with path.open("rb") as fh:
+                values = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        section = values.get("townhall", values)
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {path}: [townhall] must be a table")
+        return cls.from_mapping(section, base)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], base: Config | None = None) -> Config:
+        skip = {"TOWNHALL_CONFIG"}
+        values = {
+            key[len(ENV_PREFIX) :]: value
+            for key, value in environ.items()
+            if key.startswith(ENV_PREFIX) and key not in skip
+        }
+        return cls.from_mapping(values, base)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Defaults, then the TOML file, then the environment, then explicit overrides."""
+        environ = os.environ if environ is None else environ
+        config = cls()
+        file = config_file or (Path(environ["TOWNHALL_CONFIG"]) if environ.get("TOWNHALL_CONFIG") else None)
+        if file is not None:
+            config = cls.from_toml(file, config)
+        config = cls.from_env(environ, config)
+        if overrides:
+            config = cls.from_mapping({k: v for k, v in overrides.items() if v is not None}, config)
+        return config
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(text)
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(str(raw))
+        if kind is str:
+            return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"setting {name!r}: cannot read {raw!r} as {kind.__name__}") from exc
+    raise ConfigError(f"setting {name!r} has an unsupported type")

@@ -1,0 +1,86 @@
+"""Request-scoped dependencies: the node, a database session, the caller."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from townhall.control.node import Node
+from townhall.errors import Forbidden, TooManyRequests, Unauthorized
+from townhall.social.accounts import Principal, resolve_token
+
+_bearer = HTTPBearer(auto_error=False, description="A token from POST /api/v1/sessions")
+
+
+def get_node(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+NodeDep = Annotated[Node, Depends(get_node)]
+
+
+async def get_db(node: NodeDep) -> AsyncIterator[AsyncSession]:
+    async with node.database.session() as session:
+        yield session
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def optional_principal(
+    node: NodeDep,
+    db: DbDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+) -> Principal | None:
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise Unauthorized("Authorization must be 'Bearer <token>'", code="invalid_token")
+        return None
+    token = credentials.credentials
+    if len(token) > 256:
+        raise Unauthorized("unknown token", code="invalid_token")
+    return await resolve_token(db, token, now=node.clock())
+
+
+async def require_principal(
+    principal: Annotated[Principal | None, Depends(optional_principal)],
+) -> Principal:
+    if principal is None:
+        raise Unauthorized("log in first: send Authorization: Bearer <token>", code="login_required")
+    return principal
+
+
+async def require_admin(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("admins only", code="admin_required")
+    return principal
+
+
+MaybeCaller = Annotated[Principal | None, Depends(optional_principal)]
+Caller = Annotated[Principal, Depends(require_principal)]
+Admin = Annotated[Principal, Depends(require_admin)]
+
+
+async def enforce(node: Node, rule: str, *key: str) -> None:
+    """Count one hit of ``rule`` for ``key``; 429 with Retry-After when over."""
+    decision = await node.limiter.hit(rule, *key)
+    if not decision.allowed:
+        raise TooManyRequests(
+            f"too many attempts; retry in {decision.retry_after} s",
+            retry_after=decision.retry_after,
+        )
+
+
+def iso(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC)

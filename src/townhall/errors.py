@@ -1,0 +1,66 @@
+"""The one exception hierarchy of the API.
+
+Domain code raises these; ``control.app`` maps every one of them (and every framework error) to
+``{"error": {"code", "message"}}`` with the matching status in one place.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """Base of every error a client may see."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnprocessableEntity(ApiError):
+    status = 422
+    code = "validation_error"
+
+
+class TooManyRequests(ApiError):
+    status = 429
+    code = "rate_limited"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "unavailable"

@@ -1,0 +1,1 @@
+"""Secrets: password hashing and bearer tokens."""

@@ -1,0 +1,1 @@
+"""Durable state: the database behind a small interface, and its migrations."""
