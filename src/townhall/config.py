@@ -30,6 +30,10 @@ class Config:
     data: Path = Path("./townhall-data")
     # Empty means the embedded default: a SQLite file under ``data``.
     database_url: str = ""
+    # PostgreSQL only: a schema (search_path) to keep townhall's tables in; created if missing.
+    database_schema: str = ""
+    # Empty: counters in process memory. ``redis://host:port`` shares them between nodes.
+    redis_url: str = ""
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
     log_level: str = "info"

@@ -26,11 +26,11 @@ class Node:
 
         return cls(
             config=config,
-            database=Database(config.effective_database_url),
+            database=Database(config.effective_database_url, schema=config.database_schema or None),
             hasher=PasswordHasher(
                 config.argon2_time_cost, config.argon2_memory_kib, config.argon2_parallelism
             ),
-            limiter=limiter or LimitsLimiter.from_url(None),
+            limiter=limiter or LimitsLimiter.from_url(config.redis_url or None),
         )
 
     async def start(self) -> None:

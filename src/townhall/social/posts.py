@@ -66,7 +66,7 @@ def _visible(query: Select[Post, Account], viewer: Principal | None) -> Select[P
 
 async def _page(db: AsyncSession, query: Select[Post, Account], cursor: str | None, limit: int) -> Page:
     rows, next_cursor = await keyset_page(db, query, Post.id, cursor=cursor, limit=limit)
-    return Page([row.tuple() for row in rows], next_cursor)
+    return Page([(post, author) for post, author in rows], next_cursor)
 
 
 async def author_posts(
@@ -99,7 +99,8 @@ async def get_post(db: AsyncSession, post_id: int, viewer: Principal | None) -> 
     row = (await db.execute(_visible(query, viewer))).first()
     if row is None:
         raise NotFound("no such post", code="post_not_found")
-    return row.tuple()
+    post, author = row
+    return post, author
 
 
 async def delete_post(db: AsyncSession, post_id: int, actor: Principal) -> None:

@@ -38,6 +38,9 @@ class Database:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self.url = url
+        if schema is not None and not schema.isidentifier():
+            raise ValueError(f"database schema {schema!r} is not a plain identifier")
+        self.schema = schema
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.is_sqlite:
@@ -62,6 +65,8 @@ class Database:
         async with self.engine.begin() as conn:
             if not self.is_sqlite:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                if self.schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(_upgrade, self.url)
 
     async def ping(self, wait_seconds: float) -> bool:
