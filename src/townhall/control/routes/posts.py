@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from townhall.control.deps import Caller, DbDep, MaybeCaller, NodeDep, enforce, iso
 from townhall.control.schemas import PostBody, PostOut, PostPage
@@ -15,6 +15,8 @@ router = APIRouter(prefix="/api/v1", tags=["posts"])
 
 Cursor = Annotated[str | None, Query(max_length=32, description="next_cursor of the previous page")]
 Limit = Annotated[int | None, Query(ge=1, le=100)]
+# Ids are 64-bit in the database; a larger number is simply not a post (422, not a 500).
+PostId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 def post_out(post: Post, author: Account) -> PostOut:
@@ -46,13 +48,13 @@ async def create(body: PostBody, caller: Caller, node: NodeDep, db: DbDep) -> Po
 
 
 @router.get("/posts/{post_id}", response_model=PostOut)
-async def show(post_id: int, viewer: MaybeCaller, db: DbDep) -> PostOut:
+async def show(post_id: PostId, viewer: MaybeCaller, db: DbDep) -> PostOut:
     post, author = await posts.get_post(db, post_id, viewer)
     return post_out(post, author)
 
 
 @router.delete("/posts/{post_id}", status_code=204)
-async def delete(post_id: int, caller: Caller, db: DbDep) -> Response:
+async def delete(post_id: PostId, caller: Caller, db: DbDep) -> Response:
     await posts.delete_post(db, post_id, caller)
     return Response(status_code=204)
 

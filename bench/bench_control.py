@@ -1,0 +1,601 @@
+"""Control-plane benchmark: logins, warm reads and health checks, each set beside a peer.
+
+Run it from the repository root with the project's venv::
+
+    .venv/bin/python bench/bench_control.py
+
+It needs ``wrk`` and ``nginx`` (Debian: ``apt-get install -y wrk nginx``) and matplotlib in the
+venv (``.venv/bin/pip install matplotlib``). Everything runs on 127.0.0.1 and stops by itself;
+with the default settings the whole run takes about 80 seconds.
+
+Method
+------
+Three measurements, each reported as absolute figures and as a ratio to a peer measured in the
+same run on the same machine:
+
+1. **Login** (``POST /api/v1/sessions``). The cost is argon2id verification with argon2-cffi's
+   default parameters, so the peer is the raw rate of ``argon2.PasswordHasher().verify`` called
+   from as many threads as the server's argon2 pool has (the asyncio default executor:
+   ``min(32, cpu_count + 4)`` threads), for the same duration. Ratio = server logins/s ÷ raw
+   verifies/s: what HTTP, JSON, the rate limiter and the session insert into the database cost.
+   The server's per-account and per-address login limits would refuse almost every request, so
+   the server is started with ``TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT`` and
+   ``TOWNHALL_LOGIN_LIMIT_PER_ADDRESS`` set to ``1000000/minute``. The load uses fewer
+   connections than the reads (``--login-connections``) and a long ``--timeout`` so that queued
+   logins are measured rather than dropped as wrk timeouts.
+2. **Warm account read** (``GET /api/v1/accounts/{handle}``) and 3. **health**
+   (``GET /healthz``). The peer is nginx serving the very same response bodies, fetched from the
+   server just before, as files on disk. nginx is started by this script as a child process
+   (``-g 'daemon off;'``, a temporary prefix, config and port) with ``worker_processes`` set by
+   ``--nginx-workers`` (default 1, as townhall is one process). Ratio = townhall ÷ nginx.
+
+The load generator is ``wrk`` (closed loop: each connection sends its next request when the last
+answer arrives), with the same settings for both sides of each ratio, after a short warm-up run
+that is not counted. A Lua ``done`` hook prints wrk's own summary as JSON: requests/s counts
+successful responses only; ``non_2xx`` is wrk's count of responses with a status of 400 or more
+(a 3xx would be counted as success, but each endpoint is checked once to answer 200 before the
+load); socket errors and timeouts are counted separately. Latency percentiles are wrk's, which
+in a closed loop understate queueing delay (coordinated omission): read p99 as "under this many
+connections", not as an open-loop service time.
+
+wrk, the server and nginx share the machine's cores, as they would on the 2-core target machine;
+the figures are for comparison within one run, not absolute capacity.
+
+Output: a table on stdout, ``bench/results/control.json`` and ``bench/results/control.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import argon2
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+HOST = "127.0.0.1"
+HANDLE = "bench_account"
+PASSWORD = "correct horse battery staple"  # a throwaway account on a throwaway database
+LIMIT_ENV = {
+    "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": "1000000/minute",
+    "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": "1000000/minute",
+}
+# asyncio.to_thread runs on the loop's default executor, whose size is this (CPython >= 3.8).
+SERVER_ARGON2_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+# Prints wrk's summary as one JSON line after the run; shared by every wrk invocation.
+WRK_DONE_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
+    '"max_us":%d,"mean_us":%.1f}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One side of a comparison: a rate and its latency distribution."""
+
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    completed: int
+    non_2xx: int = 0
+    socket_errors: int = 0
+    timeouts: int = 0
+    settings: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Townhall beside its peer; ``ratio`` is townhall's rate over the peer's."""
+
+    case: str
+    townhall: Measurement
+    peer: Measurement
+
+    @property
+    def ratio(self) -> float:
+        return self.townhall.rps / self.peer.rps if self.peer.rps else float("nan")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
+) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], deadline_s: float, log: Path) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{tail(log)}")
+        with contextlib.suppress(OSError):
+            if http("GET", url, timeout=1.0)[0] == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {deadline_s} s; log:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """Ask the child (and its process group) to stop, then kill it if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+def tool_version(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not found"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WrkSettings:
+    threads: int
+    connections: int
+    duration_s: int
+    timeout_s: int
+
+    def describe(self) -> str:
+        return f"-t{self.threads} -c{self.connections} -d{self.duration_s}s --timeout {self.timeout_s}s"
+
+
+def lua_long_string(text: str) -> str:
+    level = "=" * 3
+    assert f"]{level}]" not in text
+    return f"[{level}[{text}]{level}]"
+
+
+def write_lua(directory: Path, name: str, method: str = "GET", body: str | None = None) -> Path:
+    parts = [f'wrk.method = "{method}"']
+    if body is not None:
+        parts.append(f"wrk.body = {lua_long_string(body)}")
+        parts.append('wrk.headers["Content-Type"] = "application/json"')
+    path = directory / f"{name}.lua"
+    path.write_text("\n".join(parts) + "\n" + WRK_DONE_LUA)
+    return path
+
+
+def run_wrk(
+    name: str, url: str, script: Path, settings: WrkSettings, duration_s: int | None = None
+) -> Measurement:
+    duration = settings.duration_s if duration_s is None else duration_s
+    cmd = [
+        "wrk",
+        f"-t{settings.threads}",
+        f"-c{settings.connections}",
+        f"-d{duration}s",
+        f"--timeout={settings.timeout_s}s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + settings.timeout_s + 30, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    ok = raw["requests"] - raw["status"]
+    return Measurement(
+        name=name,
+        rps=ok / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1e3,
+        p99_ms=raw["p99_us"] / 1e3,
+        completed=raw["requests"],
+        non_2xx=raw["status"],
+        socket_errors=raw["connect"] + raw["read"] + raw["write"],
+        timeouts=raw["timeout"],
+        settings=f"wrk {settings.describe().replace(f'-d{settings.duration_s}s', f'-d{duration}s')}",
+    )
+
+
+# -- peers -------------------------------------------------------------------------------------
+
+
+def raw_argon2_verify(threads: int, duration_s: float) -> Measurement:
+    """Verify one argon2id hash (argon2-cffi defaults) in ``threads`` threads for ``duration_s``."""
+    hasher = argon2.PasswordHasher()
+    stored = hasher.hash(PASSWORD)
+    hasher.verify(stored, PASSWORD)  # warm
+    start = time.perf_counter()
+    deadline = start + duration_s
+    lock = threading.Lock()
+    samples: list[float] = []
+    finished: list[float] = []
+
+    def worker() -> None:
+        mine: list[float] = []
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= deadline:
+                break
+            hasher.verify(stored, PASSWORD)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            samples.extend(mine)
+            finished.append(time.perf_counter())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(worker) for _ in range(threads)]:
+            future.result()
+    elapsed = max(finished) - start
+    cuts = statistics.quantiles(samples, n=100, method="inclusive") if len(samples) > 1 else samples * 99
+    return Measurement(
+        name="argon2 verify (raw)",
+        rps=len(samples) / elapsed,
+        p50_ms=cuts[49] * 1e3,
+        p99_ms=cuts[98] * 1e3,
+        completed=len(samples),
+        settings=f"{threads} threads, {duration_s:g}s",
+    )
+
+
+NGINX_CONF = """\
+worker_processes {workers};
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    server_tokens off;
+    etag off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    types {{ }}
+    default_type application/json;
+    server {{
+        listen {host}:{port};
+        root {prefix}/html;
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_serving(files: dict[str, bytes], workers: str, workdir: Path) -> Iterator[str]:
+    """Start nginx serving ``files`` (URL path -> body) from disk; yield its base URL."""
+    prefix = workdir / "nginx"
+    for sub in ("html", "tmp"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    for url_path, body in files.items():
+        target = prefix / "html" / url_path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+    # Workers drop root for "nobody": let them read the tree (mkdtemp makes it 0700).
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, host=HOST, port=port))
+    log = prefix / "stderr.log"
+    cmd = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_http_ok(base + next(iter(files)), proc, 10.0, log)
+        yield base
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def townhall_server(workdir: Path) -> Iterator[str]:
+    """Start ``townhall serve`` on a free loopback port with a fresh data dir; yield its base URL."""
+    exe = Path(sys.executable).parent / "townhall"
+    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
+    port = free_port()
+    data = workdir / "data"
+    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
+    env = {**os.environ, **LIMIT_ENV}
+    log = workdir / "townhall.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_http_ok(base + "/healthz", proc, 30.0, log)
+        yield base
+    finally:
+        stop(proc)
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}", file=sys.stderr)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def expect_200(method: str, url: str, body: dict[str, Any] | None = None) -> bytes:
+    status, payload = http(method, url, body)
+    if status != 200:
+        raise RuntimeError(f"{method} {url} answered {status}: {payload[:200]!r}")
+    return payload
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    reads = WrkSettings(args.threads, args.connections, args.duration, args.timeout)
+    logins = WrkSettings(args.threads, args.login_connections, args.duration, args.timeout)
+    started = dt.datetime.now(dt.UTC)
+    comparisons: list[Comparison] = []
+
+    with tempfile.TemporaryDirectory(prefix="townhall-bench-") as tmp:
+        workdir = Path(tmp)
+        print(f"raw argon2id verify, {SERVER_ARGON2_THREADS} threads, {args.duration}s ...", flush=True)
+        raw = raw_argon2_verify(SERVER_ARGON2_THREADS, args.duration)
+
+        print(f"townhall serve (with {' '.join(f'{k}={v}' for k, v in LIMIT_ENV.items())}) ...", flush=True)
+        with townhall_server(workdir) as base:
+            credentials = {"handle": HANDLE, "password": PASSWORD}
+            status, payload = http("POST", base + "/api/v1/accounts", credentials)
+            if status != 201:
+                raise RuntimeError(f"account creation answered {status}: {payload[:200]!r}")
+            session = json.loads(expect_200("POST", base + "/api/v1/sessions", credentials))
+            assert "token" in session, session
+            account_path = f"/api/v1/accounts/{HANDLE}"
+            bodies = {path: expect_200("GET", base + path) for path in (account_path, "/healthz")}
+
+            login_lua = write_lua(workdir, "login", "POST", json.dumps(credentials))
+            get_lua = write_lua(workdir, "get")
+            print(f"wrk POST /api/v1/sessions {logins.describe()} ...", flush=True)
+            run_wrk("warm-up", base + "/api/v1/sessions", login_lua, logins, args.warmup)
+            login = run_wrk("townhall login", base + "/api/v1/sessions", login_lua, logins)
+            comparisons.append(Comparison("POST /api/v1/sessions (login)", login, raw))
+
+            townhall_reads: dict[str, Measurement] = {}
+            for path in bodies:
+                print(f"wrk GET {path} (townhall) {reads.describe()} ...", flush=True)
+                run_wrk("warm-up", base + path, get_lua, reads, args.warmup)
+                townhall_reads[path] = run_wrk(f"townhall GET {path}", base + path, get_lua, reads)
+
+        print(f"nginx (worker_processes {args.nginx_workers}) ...", flush=True)
+        with nginx_serving(bodies, args.nginx_workers, workdir) as nginx_base:
+            for path, body in bodies.items():
+                served = expect_200("GET", nginx_base + path)
+                assert served == body, "nginx must serve the same bytes"
+                print(f"wrk GET {path} (nginx) {reads.describe()} ...", flush=True)
+                run_wrk("warm-up", nginx_base + path, get_lua, reads, args.warmup)
+                peer = run_wrk(f"nginx GET {path}", nginx_base + path, get_lua, reads)
+                label = f"GET {path.replace(HANDLE, '{handle}')} ({len(body)} B)"
+                comparisons.append(Comparison(label, townhall_reads[path], peer))
+
+    return {
+        "benchmark": "control",
+        "date": started.isoformat(timespec="seconds"),
+        "command": ".venv/bin/python bench/bench_control.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "wrk": tool_version(["wrk", "-v"]),
+            "nginx": tool_version(["nginx", "-v"]),
+            "argon2_cffi": argon2_version(),
+            "loadavg_after": os.getloadavg(),
+        },
+        "settings": {
+            "wrk_reads": reads.describe(),
+            "wrk_logins": logins.describe(),
+            "warmup_s": args.warmup,
+            "nginx_worker_processes": args.nginx_workers,
+            "argon2_threads": SERVER_ARGON2_THREADS,
+            "argon2_parameters": dataclasses.asdict(argon2.PasswordHasher()._parameters),
+            "server_env": LIMIT_ENV,
+        },
+        "results": [
+            {
+                "case": c.case,
+                "townhall": dataclasses.asdict(c.townhall),
+                "peer": dataclasses.asdict(c.peer),
+                "ratio": round(c.ratio, 4),
+            }
+            for c in comparisons
+        ],
+    }
+
+
+def argon2_version() -> str:
+    from importlib.metadata import version
+
+    return version("argon2-cffi")
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    header = (
+        "| case | townhall req/s | p50 ms | p99 ms | non-2xx | peer | peer req/s | peer p50 ms | peer p99 ms "
+        "| ratio |"
+    )
+    rows = [header, "|" + "---|" * 10]
+    for r in result["results"]:
+        t, p = r["townhall"], r["peer"]
+        bad = t["non_2xx"] + t["socket_errors"] + t["timeouts"]
+        rows.append(
+            f"| {r['case']} | {t['rps']:,.1f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {bad} "
+            f"| {p['name']} | {p['rps']:,.1f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = result["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.6), layout="constrained")
+    for ax, r in zip(axes, results, strict=True):
+        t, p = r["townhall"], r["peer"]
+        names = ["townhall", p["name"].split(" GET ")[0].replace(" (raw)", "\n(raw)")]
+        rates = [t["rps"], p["rps"]]
+        bars = ax.bar(names, rates, color=["#3b6ea8", "#9aa5b1"], width=0.6)
+        for bar, m in zip(bars, (t, p), strict=True):
+            ax.annotate(
+                f"{m['rps']:,.0f}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+        ax.set_ylim(0, max(rates) * 1.35)
+        ax.set_title(f"{r['case']}\nratio {r['ratio']:.2f}", fontsize=10)
+        ax.set_ylabel("requests/s" if "GET" in r["case"] else "logins or verifies/s")
+        ax.grid(axis="y", alpha=0.3)
+    s = result["settings"]
+    fig.suptitle(
+        f"townhall control plane, {result['machine']['cpus']} cores, loopback, {result['date'][:10]}  "
+        f"(reads: wrk {s['wrk_reads']}; logins: wrk {s['wrk_logins']}; "
+        f"nginx workers {s['nginx_worker_processes']})",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted warm-up seconds per run (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections for reads (default 64)")
+    parser.add_argument(
+        "--login-connections", type=int, default=8, help="wrk connections for logins (default 8)"
+    )
+    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
+    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"bench_control: {' and '.join(missing)} not found; install with:\n"
+            "    apt-get update && apt-get install -y wrk nginx",
+            file=sys.stderr,
+        )
+        return 2
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "control.json", args.out / "control.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, png_path)
+    print()
+    machine, settings = result["machine"], result["settings"]
+    print(f"townhall control plane: {result['date']}, {machine['cpus']} cores ({machine['cpu_model']})")
+    print(f"server env: {' '.join(f'{k}={v}' for k, v in LIMIT_ENV.items())}")
+    print(f"reads: wrk {settings['wrk_reads']}; logins: wrk {settings['wrk_logins']}")
+    print(
+        f"nginx worker_processes {args.nginx_workers}; raw argon2id verify: {SERVER_ARGON2_THREADS} threads\n"
+    )
+    print(table(result))
+    errors = sum(
+        r["townhall"]["non_2xx"]
+        + r["townhall"]["socket_errors"]
+        + r["townhall"]["timeouts"]
+        + r["peer"]["non_2xx"]
+        + r["peer"]["socket_errors"]
+        + r["peer"]["timeouts"]
+        for r in result["results"]
+    )
+    print(f"\nnon-2xx, socket errors and timeouts in all measured runs: {errors}")
+    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
+    print(f"wrote {png_path.relative_to(REPO) if png_path.is_relative_to(REPO) else png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
