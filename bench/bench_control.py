@@ -465,7 +465,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": args.warmup,
             "nginx_worker_processes": args.nginx_workers,
             "argon2_threads": SERVER_ARGON2_THREADS,
-            "argon2_parameters": dataclasses.asdict(argon2.PasswordHasher()._parameters),
+            "argon2_parameters": argon2_parameters(),
             "server_env": LIMIT_ENV,
         },
         "results": [
@@ -477,6 +477,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for c in comparisons
         ],
+    }
+
+
+def argon2_parameters() -> dict[str, Any]:
+    params = argon2.PasswordHasher()._parameters
+    return {
+        "type": params.type.name.lower(),
+        "time_cost": params.time_cost,
+        "memory_kib": params.memory_cost,
+        "parallelism": params.parallelism,
     }
 
 

@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         return cmd_admin(args)
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a normal exit.
+        return 0
     except ConfigError as exc:
         print(f"townhall: configuration error: {exc}", file=sys.stderr)
         return 2

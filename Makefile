@@ -1,0 +1,49 @@
+# townhall: the two commands a newcomer runs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo serve test lint typecheck unit bench lock clean
+
+# One virtual environment with the package, its test tools and pinned versions (constraints.txt).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the embedded default on 127.0.0.1:8080 with a live demo; prints the URL.
+demo: $(STAMP)
+	$(BIN)/townhall demo
+
+serve: $(STAMP)
+	$(BIN)/townhall serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+## Everything CI runs: lint, strict types, the whole suite (needs PostgreSQL on 127.0.0.1:5432).
+test: lint typecheck unit
+
+## Benchmarks (not part of the tests): see BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python bench/bench_control.py
+
+## Re-pin every dependency after changing pyproject.toml.
+lock:
+	rm -rf /tmp/townhall-lock && $(PYTHON) -m venv /tmp/townhall-lock
+	/tmp/townhall-lock/bin/pip install --quiet -e '.[test,bench]'
+	/tmp/townhall-lock/bin/pip freeze --exclude-editable | grep -iv '^townhall' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
