@@ -132,6 +132,11 @@ class Comparison:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def find_tool(name: str) -> str | None:
+    """``name`` on PATH, or in /usr/sbin where Debian puts nginx (often off a user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
@@ -356,7 +361,17 @@ def nginx_serving(files: dict[str, bytes], workers: str, workdir: Path) -> Itera
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, host=HOST, port=port))
     log = prefix / "stderr.log"
-    cmd = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
+    cmd = [
+        find_tool("nginx") or "nginx",
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        "daemon off;",
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -403,6 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reads = WrkSettings(args.threads, args.connections, args.duration, args.timeout)
     logins = WrkSettings(args.threads, args.login_connections, args.duration, args.timeout)
     started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
     comparisons: list[Comparison] = []
 
     with tempfile.TemporaryDirectory(prefix="townhall-bench-") as tmp:
@@ -448,15 +464,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "control",
         "date": started.isoformat(timespec="seconds"),
-        "command": ".venv/bin/python bench/bench_control.py " + " ".join(sys.argv[1:]),
+        "command": " ".join([".venv/bin/python bench/bench_control.py", *sys.argv[1:]]),
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "wrk": tool_version(["wrk", "-v"]),
-            "nginx": tool_version(["nginx", "-v"]),
+            "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
             "argon2_cffi": argon2_version(),
+            "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
         },
         "settings": {
@@ -473,7 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "case": c.case,
                 "townhall": dataclasses.asdict(c.townhall),
                 "peer": dataclasses.asdict(c.peer),
-                "ratio": round(c.ratio, 4),
+                "ratio": round(c.ratio, 5),
             }
             for c in comparisons
         ],
@@ -499,18 +516,31 @@ def argon2_version() -> str:
 # -- reporting ---------------------------------------------------------------------------------
 
 
+def fmt_rate(rate: float) -> str:
+    return f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}"
+
+
+def fmt_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
+
+
+def errors_of(m: dict[str, Any]) -> int:
+    return int(m["non_2xx"] + m["socket_errors"] + m["timeouts"])
+
+
 def table(result: dict[str, Any]) -> str:
-    header = (
-        "| case | townhall req/s | p50 ms | p99 ms | non-2xx | peer | peer req/s | peer p50 ms | peer p99 ms "
-        "| ratio |"
-    )
-    rows = [header, "|" + "---|" * 10]
+    """A Markdown table: absolute figures of both sides, the ratio, and failed requests."""
+    rows = [
+        "| case | townhall req/s | p50 ms | p99 ms | peer | peer req/s | peer p50 ms | peer p99 ms "
+        "| ratio | failed (townhall / peer) |",
+        "|" + "---|" * 10,
+    ]
     for r in result["results"]:
         t, p = r["townhall"], r["peer"]
-        bad = t["non_2xx"] + t["socket_errors"] + t["timeouts"]
         rows.append(
-            f"| {r['case']} | {t['rps']:,.1f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {bad} "
-            f"| {p['name']} | {p['rps']:,.1f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {r['ratio']:.2f} |"
+            f"| {r['case']} | {fmt_rate(t['rps'])} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
+            f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
+            f"| {fmt_ratio(r['ratio'])} | {errors_of(t)} / {errors_of(p)} |"
         )
     return "\n".join(rows)
 
@@ -530,7 +560,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         bars = ax.bar(names, rates, color=["#3b6ea8", "#9aa5b1"], width=0.6)
         for bar, m in zip(bars, (t, p), strict=True):
             ax.annotate(
-                f"{m['rps']:,.0f}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
+                f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                 ha="center",
                 va="bottom",
@@ -539,7 +569,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 textcoords="offset points",
             )
         ax.set_ylim(0, max(rates) * 1.35)
-        ax.set_title(f"{r['case']}\nratio {r['ratio']:.2f}", fontsize=10)
+        ax.set_title(f"{r['case']}\nratio {fmt_ratio(r['ratio'])}", fontsize=10)
         ax.set_ylabel("requests/s" if "GET" in r["case"] else "logins or verifies/s")
         ax.grid(axis="y", alpha=0.3)
     s = result["settings"]
@@ -570,7 +600,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
+    missing = [tool for tool in ("wrk", "nginx") if find_tool(tool) is None]
     if missing:
         print(
             f"bench_control: {' and '.join(missing)} not found; install with:\n"
@@ -592,18 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"nginx worker_processes {args.nginx_workers}; raw argon2id verify: {SERVER_ARGON2_THREADS} threads\n"
     )
     print(table(result))
-    errors = sum(
-        r["townhall"]["non_2xx"]
-        + r["townhall"]["socket_errors"]
-        + r["townhall"]["timeouts"]
-        + r["peer"]["non_2xx"]
-        + r["peer"]["socket_errors"]
-        + r["peer"]["timeouts"]
-        for r in result["results"]
-    )
-    print(f"\nnon-2xx, socket errors and timeouts in all measured runs: {errors}")
+    failed = sum(errors_of(r["townhall"]) + errors_of(r["peer"]) for r in result["results"])
+    print(f"\nfailed = wrk's status >= 400 + socket errors + timeouts; in all measured runs: {failed}")
     print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
     print(f"wrote {png_path.relative_to(REPO) if png_path.is_relative_to(REPO) else png_path}")
+    if failed:
+        print("bench_control: some requests failed; the rates above count successes only", file=sys.stderr)
+        return 1
     return 0
 
 
