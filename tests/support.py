@@ -94,7 +94,7 @@ class RunningServer:
 def running_server(config: Config) -> Iterator[RunningServer]:
     clock = Clock()
     node = Node.from_config(config)
-    node.clock = clock
+    node.set_clock(clock)
     app = create_app(node)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -61,7 +61,9 @@ def test_serve_reads_flags_env_and_file(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
         assert httpx.get(f"{url}/readyz").status_code == 200
-        r = httpx.post(f"{url}/api/v1/posts", content=b"x" * 4096, headers={"content-type": "application/json"})
+        r = httpx.post(
+            f"{url}/api/v1/posts", content=b"x" * 4096, headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413  # the file's max_body_bytes is in force; the flag's port too
     finally:
         out = stop(proc)

@@ -88,7 +88,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 role = "admin" if account.is_admin else "account"
                 return f"created {role} {account.handle}"
             if args.admin_command == "suspend":
-                account = await moderation.suspend(db, args.handle, args.reason, actor=None, now=now)
+                # Speaking grants are cleared in the database; a running node refuses their
+                # renewal at once and the tokens lapse within speaker_token_ttl_seconds.
+                account, _ = await moderation.suspend(db, args.handle, args.reason, actor=None, now=now)
                 return f"suspended {account.handle}"
             account = await moderation.reinstate(db, args.handle, args.reason, actor=None, now=now)
             return f"reinstated {account.handle}"

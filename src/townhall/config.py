@@ -37,6 +37,12 @@ class Config:
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
     log_level: str = "info"
+    # Signing keys for speaker tokens and listener tickets: "kid:hex64,kid2:hex64", the first
+    # signs, all verify. Empty: one key generated once into DATA/signing.key (single node).
+    signing_keys: str = ""
+    speaker_token_ttl_seconds: int = 600
+    ticket_ttl_seconds: int = 600
+    reaction_limit_per_account: str = "5/second"
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

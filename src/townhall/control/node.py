@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
 
-from townhall.admission.limiter import Limiter
+from townhall.admission.limiter import Limiter, LimitsLimiter
+from townhall.admission.tickets import PURPOSE as TICKET_PURPOSE
+from townhall.admission.tickets import TicketBook
 from townhall.config import Config
+from townhall.events import InProcessEventBus, SpaceEnded, SpeakerRevoked, StageChanged
 from townhall.security.passwords import PasswordHasher
+from townhall.security.signing import Signer, load_or_create_key_set
+from townhall.spaces.grants import PURPOSE as GRANT_PURPOSE
+from townhall.spaces.grants import GrantBook
+from townhall.spaces.live import LiveHub
+from townhall.spaces.service import Outcome
 from townhall.storage.database import Database
 
 
@@ -18,25 +28,64 @@ class Node:
     database: Database
     hasher: PasswordHasher
     limiter: Limiter
+    bus: InProcessEventBus
+    grants: GrantBook
+    tickets: TicketBook
+    hub: LiveHub
     clock: Callable[[], float] = time.time
+    _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_config(cls, config: Config, limiter: Limiter | None = None) -> Node:
-        from townhall.admission.limiter import LimitsLimiter
-
-        return cls(
+        keys = load_or_create_key_set(config.signing_keys, config.data)
+        database = Database(config.effective_database_url, schema=config.database_schema or None)
+        bus = InProcessEventBus()
+        node = cls(
             config=config,
-            database=Database(config.effective_database_url, schema=config.database_schema or None),
+            database=database,
             hasher=PasswordHasher(
                 config.argon2_time_cost, config.argon2_memory_kib, config.argon2_parallelism
             ),
             limiter=limiter or LimitsLimiter.from_url(config.redis_url or None),
+            bus=bus,
+            grants=GrantBook(Signer(keys, GRANT_PURPOSE), config.speaker_token_ttl_seconds),
+            tickets=TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds),
+            hub=LiveHub(database, bus, time.time),
         )
+        return node
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.hub.clock = clock
 
     async def start(self) -> None:
         self.config.data.mkdir(parents=True, exist_ok=True)
         await self.database.migrate()
+        await self.hub.start()
+        self._tasks.append(asyncio.create_task(self._follow_revocations()))
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.hub.stop()
         await self.limiter.close()
         await self.database.close()
+
+    async def publish(self, outcome: Outcome) -> None:
+        """Announce what a committed operation changed."""
+        for event in outcome.events:
+            if isinstance(event, SpeakerRevoked):
+                # Applied locally before anyone hears of it: no window where this node accepts it.
+                self.grants.revoke(event.grant_id, self.clock())
+            if isinstance(event, StageChanged | SpaceEnded):
+                self.hub.invalidate(event.space_id)  # read-your-writes for the caller
+            await self.bus.publish(event)
+
+    async def _follow_revocations(self) -> None:
+        async with self.bus.listening() as queue:
+            while True:
+                event = await queue.get()
+                if isinstance(event, SpeakerRevoked):
+                    self.grants.revoke(event.grant_id, self.clock())

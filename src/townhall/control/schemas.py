@@ -90,3 +90,73 @@ class ErrorOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class SpaceBody(Body):
+    title: str = Field(min_length=1, max_length=400)
+    scheduled_for: dt.datetime | None = Field(default=None, description="ISO 8601 with a time zone")
+    recorded: bool = Field(default=True, description="false: no replay is kept")
+
+
+class HandleBody(Body):
+    handle: str = Field(min_length=1, max_length=15)
+
+
+class ReactionBody(Body):
+    emoji: str = Field(min_length=1, max_length=16)
+
+
+class SpaceOut(BaseModel):
+    id: str
+    title: str
+    state: str
+    host: str
+    recorded: bool
+    created_at: dt.datetime
+    scheduled_for: dt.datetime | None
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    state_url: str
+    your_role: str | None = None
+    reminders: list[str] | None = None
+
+
+class SpaceList(BaseModel):
+    spaces: list[SpaceOut]
+
+
+class SpeakerGrantOut(BaseModel):
+    handle: str
+    role: str
+    speaker_token: str
+    expires_at: dt.datetime
+    whip_url: str
+    whep_url: str
+
+
+class JoinOut(BaseModel):
+    ticket: str
+    hls_url: str
+    expires_at: dt.datetime
+    listener: str
+
+
+class SpeakRequestOut(BaseModel):
+    handle: str
+    asked_at: dt.datetime
+
+
+class SpeakRequestList(BaseModel):
+    requests: list[SpeakRequestOut]
+
+
+class NotificationOut(BaseModel):
+    kind: str
+    space_id: str
+    title: str
+    host: str
+    at: dt.datetime
+
+
+class NotificationList(BaseModel):
+    notifications: list[NotificationOut]

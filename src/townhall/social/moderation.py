@@ -16,6 +16,7 @@ from sqlalchemy.orm import aliased
 from townhall.errors import Conflict, Forbidden
 from townhall.social.accounts import get_account
 from townhall.social.text import check_reason
+from townhall.spaces.service import Outcome, revoke_account_grants
 from townhall.storage.models import Account, AuditEntry
 from townhall.storage.paging import keyset_page
 
@@ -52,7 +53,8 @@ def audit(
 
 async def suspend(
     db: AsyncSession, handle: str, reason: str, *, actor: Account | None, now: float
-) -> Account:
+) -> tuple[Account, Outcome]:
+    """Suspend an account; returns it and the stage events to publish (grants revoked)."""
     reason_text = check_reason(reason, required=True)
     target = await get_account(db, handle)
     if actor is not None and target.id == actor.id:
@@ -62,8 +64,10 @@ async def suspend(
     target.suspended_at = now
     target.suspended_reason = reason_text
     audit(db, now=now, actor=actor, action="account.suspend", target=target, reason=reason_text)
+    # A suspended account cannot speak: its grants go in the same transaction.
+    outcome = await revoke_account_grants(db, target.id)
     await db.commit()
-    return target
+    return target, outcome
 
 
 async def reinstate(

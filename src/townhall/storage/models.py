@@ -91,3 +91,81 @@ class AuditEntry(Base):
     )
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Space(Base):
+    """A live audio room. ``state`` goes scheduled -> live -> ended; ended is final.
+
+    ``version`` is bumped by every change to who is on stage: the bump is the first write of the
+    transaction, so it serialises concurrent changes to one space on both SQLite (write lock)
+    and PostgreSQL (row lock) before any count is read.
+    """
+
+    __tablename__ = "spaces"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    recorded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    scheduled_for: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+    __table_args__ = (
+        Index("ix_spaces_state", "state"),
+        Index("ix_spaces_host", "host_id"),
+    )
+
+
+class SpaceMember(Base):
+    """Someone with a role above listener: a co-host or a speaker on stage (the host too, once
+    on stage). ``grant_id`` names the current speaking grant; removing the row revokes it."""
+
+    __tablename__ = "space_members"
+
+    space_id: Mapped[str] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    # host | cohost | speaker
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    on_stage: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    muted: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    muted_by_host: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    hand_raised: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    grant_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    since: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class SpeakRequest(Base):
+    """A raised hand: a listener asking to speak. Approving moves them on stage."""
+
+    __tablename__ = "speak_requests"
+
+    space_id: Mapped[str] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class SpaceBlock(Base):
+    """An account removed from and barred from one space."""
+
+    __tablename__ = "space_blocks"
+
+    space_id: Mapped[str] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    by_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True)
+
+
+class SpaceReminder(Base):
+    """Someone asked to be told when a scheduled space starts (read on pull: no fan-out)."""
+
+    __tablename__ = "space_reminders"
+
+    space_id: Mapped[str] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+    __table_args__ = (Index("ix_space_reminders_account", "account_id"),)

@@ -18,7 +18,10 @@ router = APIRouter(prefix="/api/v1/admin", tags=["moderation"])
 async def suspend(handle: str, body: ReasonBody, admin: Admin, node: NodeDep, db: DbDep) -> AccountOut:
     """Suspend an account: it can log in and read, but not post, host, speak or follow, and
     its posts are hidden from others until it is reinstated."""
-    account = await moderation.suspend(db, handle, body.reason, actor=admin.account, now=node.clock())
+    account, outcome = await moderation.suspend(
+        db, handle, body.reason, actor=admin.account, now=node.clock()
+    )
+    await node.publish(outcome)
     return account_out(account)
 
 

@@ -1,0 +1,57 @@
+"""Listener tickets: proof of admission that any node or edge checks alone (pure: ``now``).
+
+A ticket binds one space and one listener id and expires; the join endpoint issues it, and
+every listener request carries it (query parameter or cookie). Checking it is one HMAC with
+no database or network call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+from townhall.security.signing import SignatureError, Signer
+
+PURPOSE = "townhall listener ticket v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ticket:
+    space_id: str
+    listener: str
+    expires_at: float
+
+
+class TicketError(ValueError):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def listener_id(account_id: int | None) -> str:
+    """Accounts listen as ``a<id>``; anonymous listeners get a random id per join."""
+    return f"a{account_id}" if account_id is not None else "g" + secrets.token_urlsafe(9)
+
+
+class TicketBook:
+    def __init__(self, signer: Signer, ttl: float) -> None:
+        self.signer = signer
+        self.ttl = ttl
+
+    def issue(self, space_id: str, listener: str, now: float) -> tuple[str, Ticket]:
+        ticket = Ticket(space_id, listener, round(now + self.ttl, 3))
+        return self.signer.sign({"s": space_id, "l": listener, "e": ticket.expires_at}), ticket
+
+    def check(self, token: str, space_id: str, now: float) -> Ticket:
+        try:
+            p = self.signer.verify(token)
+            ticket = Ticket(str(p["s"]), str(p["l"]), float(p["e"]))
+        except SignatureError as exc:
+            raise TicketError(str(exc), "invalid_ticket") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TicketError("malformed ticket", "invalid_ticket") from exc
+        if ticket.space_id != space_id:
+            raise TicketError("this ticket is for another space", "wrong_space")
+        if ticket.expires_at <= now:
+            raise TicketError("ticket expired; join again", "ticket_expired")
+        return ticket
