@@ -84,3 +84,11 @@ async def enforce(node: Node, rule: str, *key: str) -> None:
 
 def iso(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+
+
+def public_base(request: Request, node: Node) -> str:
+    """Base of the links handed to clients: ``public_url`` when configured (behind a proxy or
+    CDN), else the address this request reached."""
+    if node.config.public_url:
+        return node.config.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")

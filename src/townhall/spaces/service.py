@@ -104,7 +104,7 @@ def require_state(space: Space, states: tuple[str, ...]) -> None:
         raise Conflict("this space has ended", code="space_ended")
     if space.state == "scheduled":
         raise Conflict("this space has not started", code="space_not_live")
-    raise Conflict(f"this space is {space.state}", code="space_state")
+    raise Conflict("this space is already live", code="space_live")
 
 
 async def member(db: AsyncSession, space_id: str, account_id: int) -> SpaceMember | None:

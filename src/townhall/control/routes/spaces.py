@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from townhall.admission.tickets import listener_id
-from townhall.control.deps import Caller, DbDep, MaybeCaller, NodeDep, enforce, iso
+from townhall.control.deps import Caller, DbDep, MaybeCaller, NodeDep, enforce, iso, public_base
 from townhall.control.node import Node
 from townhall.control.schemas import (
     HandleBody,
@@ -41,7 +41,7 @@ SpaceId = Annotated[str, Path(min_length=1, max_length=16, pattern="^[A-Za-z0-9]
 Handle = Annotated[str, Path(min_length=1, max_length=15)]
 
 
-def space_out(node: Node, space: Space, host: str, **extra: object) -> SpaceOut:
+def space_out(base: str, space: Space, host: str, **extra: object) -> SpaceOut:
     return SpaceOut(
         id=space.id,
         title=space.title,
@@ -52,15 +52,14 @@ def space_out(node: Node, space: Space, host: str, **extra: object) -> SpaceOut:
         scheduled_for=iso(space.scheduled_for) if space.scheduled_for is not None else None,
         started_at=iso(space.started_at) if space.started_at is not None else None,
         ended_at=iso(space.ended_at) if space.ended_at is not None else None,
-        state_url=f"{node.config.effective_public_url}/api/v1/spaces/{space.id}/state",
+        state_url=f"{base}/api/v1/spaces/{space.id}/state",
         **extra,
     )
 
 
-def grant_out(node: Node, m: SpaceMember, handle: str) -> SpeakerGrantOut:
+def grant_out(node: Node, base: str, m: SpaceMember, handle: str) -> SpeakerGrantOut:
     assert m.grant_id is not None
     token, grant = node.grants.issue(m.space_id, m.account_id, m.role, m.grant_id, node.clock())
-    base = node.config.effective_public_url
     return SpeakerGrantOut(
         handle=handle,
         role=m.role,
@@ -72,7 +71,7 @@ def grant_out(node: Node, m: SpaceMember, handle: str) -> SpeakerGrantOut:
 
 
 @router.post("/spaces", status_code=201, response_model=SpaceOut)
-async def create(body: SpaceBody, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
+async def create(request: Request, body: SpaceBody, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
     """Create a space, now or for later (`scheduled_for`). It goes live with `/start`."""
     when = body.scheduled_for
     if when is not None and when.tzinfo is None:
@@ -85,11 +84,12 @@ async def create(body: SpaceBody, caller: Caller, node: NodeDep, db: DbDep) -> S
         recorded=body.recorded,
         now=node.clock(),
     )
-    return space_out(node, space, caller.account.handle, your_role="host")
+    return space_out(public_base(request, node), space, caller.account.handle, your_role="host")
 
 
 @router.get("/spaces", response_model=SpaceList)
 async def listing(
+    request: Request,
     node: NodeDep,
     db: DbDep,
     state: Annotated[str | None, Query(pattern="^(scheduled|live|ended)$")] = None,
@@ -99,35 +99,37 @@ async def listing(
     """Live, scheduled or ended spaces, optionally of one host."""
     host_account = await accounts.get_account(db, host) if host else None
     rows = await service.list_spaces(db, state=state, host=host_account, limit=limit)
-    return SpaceList(spaces=[space_out(node, s, h) for s, h in rows])
+    return SpaceList(spaces=[space_out(public_base(request, node), s, h) for s, h in rows])
 
 
 @router.get("/spaces/{space_id}", response_model=SpaceOut)
-async def show(space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep) -> SpaceOut:
+async def show(
+    request: Request, space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep
+) -> SpaceOut:
     space = await service.get_space(db, space_id)
     host = await db.get(Account, space.host_id)
     assert host is not None
     role = await service.role_of(db, space, viewer.account.id) if viewer else None
     reminders = await service.reminders_of(db, space) if role in service.MANAGERS else None
-    return space_out(node, space, host.handle, your_role=role, reminders=reminders)
+    return space_out(public_base(request, node), space, host.handle, your_role=role, reminders=reminders)
 
 
 @router.post("/spaces/{space_id}/start", response_model=SpaceOut)
-async def start(space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
+async def start(request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
     """Go live. Posts "<host> is live: <title>" for followers; reminders become notifications."""
     await node.publish(await service.start_space(db, caller, space_id, now=node.clock()))
     space = await service.get_space(db, space_id)
-    return space_out(node, space, caller.account.handle, your_role="host")
+    return space_out(public_base(request, node), space, caller.account.handle, your_role="host")
 
 
 @router.post("/spaces/{space_id}/end", response_model=SpaceOut)
-async def end(space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
+async def end(request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
     """End the space (final). Every speaking grant is revoked."""
     await node.publish(await service.end_space(db, caller, space_id, now=node.clock()))
     space = await service.get_space(db, space_id)
     host = await db.get(Account, space.host_id)
     assert host is not None
-    return space_out(node, space, host.handle)
+    return space_out(public_base(request, node), space, host.handle)
 
 
 # -- stage ---------------------------------------------------------------------------------------
@@ -135,13 +137,13 @@ async def end(space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> Sp
 
 @router.post("/spaces/{space_id}/speakers", response_model=SpeakerGrantOut)
 async def add_speaker(
-    space_id: SpaceId, body: HandleBody, caller: Caller, node: NodeDep, db: DbDep
+    request: Request, space_id: SpaceId, body: HandleBody, caller: Caller, node: NodeDep, db: DbDep
 ) -> SpeakerGrantOut:
     """Host or co-host invites a listener on stage or approves their request; returns the
     speaker's token and WHIP/WHEP URLs (the speaker can also fetch them: `/speaker-token`)."""
     m, target, out = await service.add_speaker(db, caller, space_id, body.handle, now=node.clock())
     await node.publish(out)
-    return grant_out(node, m, target.handle)
+    return grant_out(node, public_base(request, node), m, target.handle)
 
 
 @router.delete("/spaces/{space_id}/speakers/{handle}", status_code=204)
@@ -167,20 +169,22 @@ async def unmute(space_id: SpaceId, handle: Handle, caller: Caller, node: NodeDe
 
 
 @router.post("/spaces/{space_id}/speaker-token", response_model=SpeakerGrantOut)
-async def speaker_token(space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpeakerGrantOut:
+async def speaker_token(
+    request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep
+) -> SpeakerGrantOut:
     """A speaker on stage (the host included) fetches or renews their own token."""
     m = await service.speaker_grant(db, caller, space_id)
-    return grant_out(node, m, caller.account.handle)
+    return grant_out(node, public_base(request, node), m, caller.account.handle)
 
 
 @router.post("/spaces/{space_id}/cohosts", response_model=SpeakerGrantOut)
 async def appoint_cohost(
-    space_id: SpaceId, body: HandleBody, caller: Caller, node: NodeDep, db: DbDep
+    request: Request, space_id: SpaceId, body: HandleBody, caller: Caller, node: NodeDep, db: DbDep
 ) -> SpeakerGrantOut:
     """The host appoints a co-host (at most 2); a co-host is on stage."""
     m, target, out = await service.appoint_cohost(db, caller, space_id, body.handle, now=node.clock())
     await node.publish(out)
-    return grant_out(node, m, target.handle)
+    return grant_out(node, public_base(request, node), m, target.handle)
 
 
 @router.delete("/spaces/{space_id}/cohosts/{handle}", status_code=204)
@@ -268,7 +272,7 @@ async def notifications(
 
 
 @router.post("/spaces/{space_id}/join", response_model=JoinOut)
-async def join(space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep) -> JoinOut:
+async def join(request: Request, space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep) -> JoinOut:
     """Join as a listener: a signed ticket and the live playlist's URL."""
     space = await service.get_space(db, space_id)
     service.require_state(space, ("live",))
@@ -277,10 +281,9 @@ async def join(space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep)
     listener = listener_id(viewer.account.id if viewer else None)
     ticket, issued = node.tickets.issue(space.id, listener, node.clock())
     node.hub.listener_seen(space.id, listener)
-    base = node.config.effective_public_url
     return JoinOut(
         ticket=ticket,
-        hls_url=f"{base}/hls/{space.id}/live.m3u8?ticket={ticket}",
+        hls_url=f"{public_base(request, node)}/hls/{space.id}/live.m3u8?ticket={ticket}",
         expires_at=iso(issued.expires_at),
         listener=listener,
     )
