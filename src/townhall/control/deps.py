@@ -17,7 +17,9 @@ from townhall.social.accounts import Principal, resolve_token
 _bearer = HTTPBearer(auto_error=False, description="A token from POST /api/v1/sessions")
 
 
-def get_node(request: Request) -> Node:
+async def get_node(request: Request) -> Node:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a round trip
+    # to a worker thread on every request for an attribute read.
     node: Node = request.app.state.node
     return node
 

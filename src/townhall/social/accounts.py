@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, ScalarSelect, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from townhall.errors import Conflict, NotFound, Unauthorized
 from townhall.security.passwords import PasswordHasher
@@ -62,24 +63,58 @@ async def create_account(
     return account
 
 
-async def get_account(db: AsyncSession, handle: str) -> Account:
-    """The account with this handle in any letter case, or 404."""
+# The statements of the hot reads are built once, with bound parameters, and reused: building
+# an ORM select per call (attribute comparisons, coercions, a fresh cache key) cost more than
+# running it. Each still goes through SQLAlchemy's compiled cache like any other statement.
+_ACCOUNT_BY_KEY = select(Account).where(Account.handle_key == bindparam("key"))
+
+
+def _count_follows(
+    column: InstrumentedAttribute[int], equals: ColumnElement[int] | InstrumentedAttribute[int]
+) -> ScalarSelect[int]:
+    return select(func.count()).select_from(Follow).where(column == equals).scalar_subquery()
+
+
+_FOLLOW_COUNTS = select(
+    _count_follows(Follow.followee_id, bindparam("account_id")),
+    _count_follows(Follow.follower_id, bindparam("account_id")),
+)
+# The subqueries correlate to the outer ``accounts`` row.
+_ACCOUNT_WITH_COUNTS_BY_KEY = select(
+    Account,
+    _count_follows(Follow.followee_id, Account.id),
+    _count_follows(Follow.follower_id, Account.id),
+).where(Account.handle_key == bindparam("key"))
+
+
+def _lookup_key(handle: str) -> str:
+    """The handle key to look ``handle`` up by; 404 for what no handle can be."""
     if not isinstance(handle, str) or len(handle) > 15:
         raise NotFound("no such account", code="account_not_found")
-    account = await db.scalar(select(Account).where(Account.handle_key == handle_key(handle)))
+    return handle_key(handle)
+
+
+async def get_account(db: AsyncSession, handle: str) -> Account:
+    """The account with this handle in any letter case, or 404."""
+    account = await db.scalar(_ACCOUNT_BY_KEY, {"key": _lookup_key(handle)})
     if account is None:
         raise NotFound("no such account", code="account_not_found")
     return account
 
 
+async def get_account_with_counts(db: AsyncSession, handle: str) -> tuple[Account, tuple[int, int]]:
+    """``get_account`` and ``follow_counts`` in one statement: the account with this handle in
+    any letter case and its (followers, following), or 404."""
+    row = (await db.execute(_ACCOUNT_WITH_COUNTS_BY_KEY, {"key": _lookup_key(handle)})).first()
+    if row is None:
+        raise NotFound("no such account", code="account_not_found")
+    account, followers, following = row
+    return account, (int(followers or 0), int(following or 0))
+
+
 async def follow_counts(db: AsyncSession, account_id: int) -> tuple[int, int]:
-    """(followers, following) of an account."""
-    followers = await db.scalar(
-        select(func.count()).select_from(Follow).where(Follow.followee_id == account_id)
-    )
-    following = await db.scalar(
-        select(func.count()).select_from(Follow).where(Follow.follower_id == account_id)
-    )
+    """(followers, following) of an account, in one statement."""
+    followers, following = (await db.execute(_FOLLOW_COUNTS, {"account_id": account_id})).one()
     return int(followers or 0), int(following or 0)
 
 

@@ -35,8 +35,8 @@ async def register(body: Credentials, request: Request, node: NodeDep, db: DbDep
 
 @router.get("/accounts/{handle}", response_model=AccountOut)
 async def show_account(handle: str, db: DbDep) -> AccountOut:
-    account = await accounts.get_account(db, handle)
-    return account_out(account, await accounts.follow_counts(db, account.id))
+    account, counts = await accounts.get_account_with_counts(db, handle)
+    return account_out(account, counts)
 
 
 @router.get("/me", response_model=AccountOut)

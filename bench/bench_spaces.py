@@ -1,0 +1,959 @@
+"""Spaces benchmark: fan-out with a million followers, the live-state document, reactions.
+
+Run it from the repository root with the project's venv::
+
+    .venv/bin/python bench/bench_spaces.py
+
+Like ``bench_control.py`` (whose helpers it imports), it needs ``wrk`` and ``nginx`` (Debian:
+``apt-get install -y wrk nginx``) and matplotlib in the venv. Everything runs on 127.0.0.1 and
+stops by itself; with the default settings the whole run takes about two minutes.
+
+Method
+------
+Setup. ``townhall serve`` is started once on a fresh data directory so that it migrates the
+SQLite database; two hosts, ``big_host`` and ``small_host``, are registered and logged in over
+HTTP, and the server is stopped. Then, in one SQLite transaction (a recursive CTE), the script
+inserts 1,000,000 synthetic accounts (dummy password hash) following ``big_host`` and 10 more
+following ``small_host``, and session rows (SHA-256 of a fresh token, as the server stores them)
+for the first 1,000 of the big host's followers and one of the small host's. The server is
+restarted on that database with ``TOWNHALL_POST_LIMIT_PER_ACCOUNT=1000000/minute`` (the default,
+30 a minute, would refuse most of the posts below); the reaction limit is left at its default
+(5 a second per account), and any 429 is counted and reported.
+
+1. **Fan-out cost.** One keep-alive HTTP/1.1 connection per client, calls made one at a time,
+   the two hosts alternating (ABBA order) so that drift hits both equally: ``POST /api/v1/posts``,
+   ``POST /api/v1/spaces`` followed by ``POST /api/v1/spaces/{id}/start`` (which writes the
+   "is live" announcement post), the home feed ``GET /api/v1/feed`` of a follower of each, and
+   the profile ``GET /api/v1/accounts/{handle}`` (which counts followers). Reported: median and
+   p99 of ``--samples`` calls after a few uncounted ones, and the ratio big ÷ small. Fan-out on
+   read makes a post one row, so the write ratios should be about 1.
+2. **Live-state document** (``GET /api/v1/spaces/{id}/state`` of a live space) with wrk, beside
+   nginx serving the very same bytes from disk, as ``bench_control.py`` does for reads (same wrk
+   settings for both, uncounted warm-up first). The server builds the document at most once a
+   second; how many builds happened is not observable from outside, so only rates and latencies
+   are reported.
+3. **Reactions.** The host holds ``GET /api/v1/spaces/{id}/events`` (SSE) open in a thread and
+   records every ``reactions`` message (one per space per second by design) with its arrival
+   time. wrk then sends ``POST .../reactions`` ``{"emoji": "👏"}`` over ``--reaction-connections``
+   connections (default 1,000: one per reacting account) with a Lua script that rotates the
+   1,000 bearer tokens, then a lighter load (``--light-connections``) to show that the broadcast
+   rate does not follow the reaction rate. After each run the script waits until the server has
+   drained (its own request counter in ``/metrics`` stops moving) and the open second has closed.
+   Reported: reactions accepted (202) per second and their wrk p50/p99 (closed loop: with 1,000
+   connections the latency is mostly queueing), 429s, SSE messages per second and the most in
+   any one wall-clock second, whether any second was broadcast twice, and the reconciliation:
+   the sum of the counts in the messages against the accepted reactions. "Accepted" is the
+   server's own count of 202 answers on that route (``/metrics``): wrk stops with requests still
+   in flight, which the server completes and counts but wrk never sees, so wrk's 202 count is
+   lower by up to the number of connections. The state document's cumulative ``totals`` are
+   checked as a third view.
+
+wrk, the server and nginx share the machine's cores. Latencies are closed-loop figures.
+
+Output: tables on stdout, ``bench/results/spaces.json`` and ``bench/results/spaces.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench_control import (
+    HOST,
+    REPO,
+    RESULTS,
+    WRK_DONE_LUA,
+    Measurement,
+    WrkSettings,
+    cpu_model,
+    errors_of,
+    find_tool,
+    fmt_rate,
+    fmt_ratio,
+    free_port,
+    lua_long_string,
+    nginx_serving,
+    run_wrk,
+    stop,
+    tail,
+    tool_version,
+    wait_http_ok,
+    write_lua,
+)
+
+from townhall.security.tokens import new_token, token_digest
+
+PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
+BIG, SMALL = "big_host", "small_host"
+SMALL_FOLLOWERS = 10
+EMOJI = "👏"
+SERVER_ENV = {"TOWNHALL_POST_LIMIT_PER_ACCOUNT": "1000000/minute"}
+REACTIONS_ROUTE = "/api/v1/spaces/{space_id}/reactions"
+
+
+# -- a keep-alive client -----------------------------------------------------------------------
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection, as one app would hold it; calls one at a time."""
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname or HOST, parts.port or 80
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> tuple[int, bytes, float, http.client.HTTPMessage]:
+        """Status, body, seconds from sending to the last byte, headers."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        for attempt in (1, 2):
+            start = time.perf_counter()
+            try:
+                self.conn.request(method, path, body=data, headers=headers)
+                response = self.conn.getresponse()
+                payload = response.read()
+                return response.status, payload, time.perf_counter() - start, response.headers
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # The server closed an idle keep-alive connection before reading this request.
+                self.conn.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def expect(
+        self,
+        status: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        token: str | None = None,
+    ) -> tuple[bytes, float]:
+        got, payload, elapsed, _ = self.call(method, path, body, token)
+        if got != status:
+            raise RuntimeError(f"{method} {path} answered {got}, expected {status}: {payload[:300]!r}")
+        return payload, elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def townhall_node(data: Path, log: Path, env: dict[str, str]) -> Iterator[str]:
+    """``townhall serve`` on a free loopback port with ``data`` and ``env``; yield its base URL."""
+    exe = Path(sys.executable).parent / "townhall"
+    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
+    port = free_port()
+    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+        )
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_http_ok(base + "/healthz", proc, 60.0, log)
+        yield base
+    finally:
+        stop(proc, grace_s=15.0)
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}", file=sys.stderr)
+
+
+def request_counts(base: str) -> Counter[tuple[str, str, str]]:
+    """The server's ``townhall_http_requests_total`` by (method, route, status)."""
+    client = Client(base)
+    try:
+        payload, _ = client.expect(200, "GET", "/metrics")
+    finally:
+        client.close()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for line in payload.decode().splitlines():
+        if not line.startswith("townhall_http_requests_total{"):
+            continue
+        labels_text, value = line[len("townhall_http_requests_total{") :].rsplit("} ", 1)
+        labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
+        key = tuple(labels.get(k, "").strip('"') for k in ("method", "route", "status"))
+        counts[(key[0], key[1], key[2])] += float(value)
+    return counts
+
+
+def server_errors(counts: Counter[tuple[str, str, str]]) -> dict[str, int]:
+    """Requests the server answered with a 5xx, by "METHOD route status"."""
+    return {f"{m} {r} {s}": int(n) for (m, r, s), n in counts.items() if s.startswith("5") and n}
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Population:
+    host_tokens: dict[str, str]
+    reactor_tokens: list[str]
+    reader_tokens: dict[str, str]  # host handle -> token of one of its followers
+    followers: int
+    load_seconds: float
+    db_bytes: int
+
+
+def register_hosts(base: str) -> dict[str, str]:
+    client = Client(base)
+    tokens = {}
+    try:
+        for handle in (BIG, SMALL):
+            client.expect(201, "POST", "/api/v1/accounts", {"handle": handle, "password": PASSWORD})
+            payload, _ = client.expect(200, "POST", "/api/v1/sessions", {"handle": handle, "password": PASSWORD})
+            tokens[handle] = json.loads(payload)["token"]
+    finally:
+        client.close()
+    return tokens
+
+
+def bulk_load(db_path: Path, followers: int, reactors: int) -> tuple[list[str], dict[str, str], float]:
+    """Insert the synthetic followers, their follows and sessions in one transaction."""
+    started = time.perf_counter()
+    now = time.time()
+    expires = now + 30 * 24 * 3600
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("PRAGMA cache_size=-262144")
+        db.execute("BEGIN")
+        ids = dict(db.execute("SELECT handle, id FROM accounts WHERE handle IN (?, ?)", (BIG, SMALL)))
+        first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM accounts").fetchone()[0]
+        # f1 .. fN follow the big host, s1 .. s10 the small one; ids are consecutive from `first`.
+        for prefix, count in (("f", followers), ("s", SMALL_FOLLOWERS)):
+            db.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+                "INSERT INTO accounts (handle, handle_key, password_hash, is_admin, created_at) "
+                "SELECT ? || i, ? || i, '!synthetic', 0, ? FROM n",
+                (count, prefix, prefix, now),
+            )
+        db.execute(
+            "INSERT INTO follows (follower_id, followee_id, created_at) "
+            "SELECT id, ?, ? FROM accounts WHERE id >= ? AND id < ?",
+            (ids[BIG], now, first, first + followers),
+        )
+        db.execute(
+            "INSERT INTO follows (follower_id, followee_id, created_at) "
+            "SELECT id, ?, ? FROM accounts WHERE id >= ?",
+            (ids[SMALL], now, first + followers),
+        )
+        session_owners = [first + i for i in range(reactors)] + [first + followers]
+        tokens = [new_token() for _ in session_owners]
+        db.executemany(
+            "INSERT INTO sessions (account_id, token_hash, created_at, expires_at, revoked_at) "
+            "VALUES (?, ?, ?, ?, NULL)",
+            [(owner, token_digest(tok), now, expires) for owner, tok in zip(session_owners, tokens, strict=True)],
+        )
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return tokens[:reactors], {BIG: tokens[0], SMALL: tokens[-1]}, time.perf_counter() - started
+
+
+# -- 1. fan-out --------------------------------------------------------------------------------
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples) * 1e3, 3),
+        "p99_ms": round(cuts[98] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(samples) * 1e3, 3),
+        "max_ms": round(max(samples) * 1e3, 3),
+    }
+
+
+def fanout(base: str, pop: Population, samples: int, warmup: int) -> list[dict[str, Any]]:
+    client = Client(base)
+    counter = iter(range(10**9))
+
+    def post(host: str) -> float:
+        body = {"text": f"bench post {next(counter)} by {host}"}
+        return client.expect(201, "POST", "/api/v1/posts", body, pop.host_tokens[host])[1]
+
+    def space(host: str) -> float:
+        token = pop.host_tokens[host]
+        payload, created = client.expect(201, "POST", "/api/v1/spaces", {"title": f"bench {host}"}, token)
+        space_id = json.loads(payload)["id"]
+        return created + client.expect(200, "POST", f"/api/v1/spaces/{space_id}/start", None, token)[1]
+
+    def feed(host: str) -> float:
+        payload, elapsed = client.expect(200, "GET", "/api/v1/feed", None, pop.reader_tokens[host])
+        first = json.loads(payload)["posts"][0]
+        assert first["author"] == host, f"a follower of {host} must see {host}'s posts first: {first}"
+        return elapsed
+
+    def profile(host: str) -> float:
+        payload, elapsed = client.expect(200, "GET", f"/api/v1/accounts/{host}")
+        return elapsed
+
+    cases: list[tuple[str, Callable[[str], float]]] = [
+        ("POST /api/v1/posts", post),
+        ("POST /api/v1/spaces + /start", space),
+        ("GET /api/v1/feed (a follower's)", feed),
+        ("GET /api/v1/accounts/{handle}", profile),
+    ]
+    out = []
+    try:
+        for name, op in cases:
+            print(f"  {name}: {warmup} + {samples} calls per host ...", flush=True)
+            timings: dict[str, list[float]] = {BIG: [], SMALL: []}
+            for i in range(warmup + samples):
+                order = (BIG, SMALL) if i % 4 in (0, 3) else (SMALL, BIG)
+                for host in order:
+                    elapsed = op(host)
+                    if i >= warmup:
+                        timings[host].append(elapsed)
+            big, small = summarize(timings[BIG]), summarize(timings[SMALL])
+            out.append(
+                {
+                    "case": name,
+                    "big": big,
+                    "small": small,
+                    "ratio_p50": round(big["p50_ms"] / small["p50_ms"], 4),
+                    "ratio_p99": round(big["p99_ms"] / small["p99_ms"], 4),
+                }
+            )
+    finally:
+        client.close()
+    return out
+
+
+# -- 3. reactions ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SseEvent:
+    at: float  # time.time() of arrival
+    kind: str
+    data: bytes
+
+
+class SseRecorder(threading.Thread):
+    """Holds one SSE stream open and records every event with its arrival time."""
+
+    def __init__(self, base: str, path: str, token: str) -> None:
+        super().__init__(name="sse", daemon=True)
+        parts = urlsplit(base)
+        self.conn = http.client.HTTPConnection(parts.hostname or HOST, parts.port or 80, timeout=60)
+        self.path, self.token = path, token
+        self.events: list[SseEvent] = []
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.closing = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.conn.request(
+                "GET", self.path, headers={"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
+            )
+            response = self.conn.getresponse()
+            if response.status != 200:
+                self.error = f"GET {self.path} answered {response.status}: {response.read()[:300]!r}"
+                return
+            kind, data = "message", []
+            while True:
+                line = response.readline()
+                if not line:
+                    if not self.closing.is_set():
+                        self.error = "the event stream ended"
+                    return
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    if data:
+                        with self.lock:
+                            self.events.append(SseEvent(time.time(), kind, b"\n".join(data)))
+                        if kind == "state":
+                            self.ready.set()
+                    kind, data = "message", []
+                elif line.startswith(b":"):
+                    continue
+                elif line.startswith(b"event:"):
+                    kind = line[6:].strip().decode()
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+        except OSError as exc:
+            if not self.closing.is_set():
+                self.error = f"event stream failed: {exc!r}"
+        finally:
+            self.ready.set()
+
+    def snapshot(self) -> list[SseEvent]:
+        with self.lock:
+            return list(self.events)
+
+    def close(self) -> None:
+        self.closing.set()
+        if self.conn.sock is not None:
+            with contextlib.suppress(OSError):
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.join(timeout=5)
+        self.conn.close()
+
+
+REACTION_LUA = r"""
+local tokens = {
+%(tokens)s
+}
+local body = %(body)s
+local threads = {}
+local per_thread = math.floor(#tokens / %(threads)d)
+
+function setup(thread)
+  thread:set("offset", #threads * per_thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  i = offset
+  c202, c429, cother = 0, 0, 0
+end
+
+function request()
+  i = i %% #tokens + 1
+  local headers = {["Authorization"] = "Bearer " .. tokens[i], ["Content-Type"] = "application/json"}
+  return wrk.format("POST", nil, headers, body)
+end
+
+function response(status, headers, body)
+  if status == 202 then c202 = c202 + 1 elseif status == 429 then c429 = c429 + 1 else cother = cother + 1 end
+end
+"""
+
+REACTION_DONE_LUA = r"""
+local summary_done = done
+done = function(summary, latency, requests)
+  summary_done(summary, latency, requests)
+  local a, b, o = 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + t:get("c202"); b = b + t:get("c429"); o = o + t:get("cother")
+  end
+  io.write(string.format('BENCH_STATUS {"202":%d,"429":%d,"other":%d}\n', a, b, o))
+end
+"""
+
+
+def write_reaction_lua(directory: Path, tokens: list[str], threads: int) -> Path:
+    body = lua_long_string(json.dumps({"emoji": EMOJI}, ensure_ascii=False))
+    script = REACTION_LUA % {
+        "tokens": ",\n".join(f'"{t}"' for t in tokens),
+        "body": body,
+        "threads": threads,
+    }
+    path = directory / "reactions.lua"
+    path.write_text(script + WRK_DONE_LUA + REACTION_DONE_LUA)
+    return path
+
+
+def run_wrk_statuses(name: str, url: str, script: Path, settings: WrkSettings) -> tuple[Measurement, dict[str, int]]:
+    """Like ``run_wrk``, also returning the Lua script's count of answers by status."""
+    cmd = [
+        "wrk",
+        f"-t{settings.threads}",
+        f"-c{settings.connections}",
+        f"-d{settings.duration_s}s",
+        f"--timeout={settings.timeout_s}s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=settings.duration_s + settings.timeout_s + 30, check=False
+    )
+    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("BENCH_")}
+    if out.returncode != 0 or "BENCH_JSON" not in lines or "BENCH_STATUS" not in lines:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    raw, statuses = json.loads(lines["BENCH_JSON"]), json.loads(lines["BENCH_STATUS"])
+    measurement = Measurement(
+        name=name,
+        rps=statuses["202"] / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1e3,
+        p99_ms=raw["p99_us"] / 1e3,
+        completed=raw["requests"],
+        non_2xx=raw["status"],
+        socket_errors=raw["connect"] + raw["read"] + raw["write"],
+        timeouts=raw["timeout"],
+        settings=f"wrk {settings.describe()}",
+    )
+    return measurement, statuses
+
+
+def settle(base: str, key: tuple[str, str, str], quiet_s: float = 1.5, limit_s: float = 30.0) -> None:
+    """Wait until the server's count for ``key`` has not moved for ``quiet_s``, then for the open
+    reaction second to close (the hub's tick runs 5 ms after each second)."""
+    deadline = time.monotonic() + limit_s
+    last, since = request_counts(base)[key], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now_count = request_counts(base)[key]
+        if now_count != last:
+            last, since = now_count, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    time.sleep(1.2)
+
+
+def reaction_run(
+    base: str,
+    space_id: str,
+    sse: SseRecorder,
+    label: str,
+    script: Path,
+    settings: WrkSettings,
+) -> dict[str, Any]:
+    path = f"/api/v1/spaces/{space_id}/reactions"
+    key = ("POST", REACTIONS_ROUTE, "202")
+    before, seen = request_counts(base), len(sse.snapshot())
+    started = time.time()
+    print(f"  {label}: wrk POST {path} {settings.describe()} ...", flush=True)
+    measurement, statuses = run_wrk_statuses(f"townhall reactions ({label})", base + path, script, settings)
+    ended = time.time()
+    settle(base, key)
+    after = request_counts(base)
+    delta = {k: int(after[k] - before[k]) for k in after if k[1] == REACTIONS_ROUTE and after[k] != before[k]}
+    accepted = delta.get(key, 0)
+    events = [e for e in sse.snapshot()[seen:] if e.kind == "reactions"]
+    tallies = [json.loads(e.data) for e in events]
+    seconds = [t["second"] for t in tallies]
+    total = sum(sum(t["counts"].values()) for t in tallies)
+    emoji_total = sum(t["counts"].get(EMOJI, 0) for t in tallies)
+    # Broadcasts per wall-clock second while the load ran: each arrival binned by int(time).
+    in_window = [e for e in events if started <= e.at <= ended]
+    per_second = Counter(int(e.at) for e in in_window)
+    return {
+        "load": label,
+        "wrk": dataclasses.asdict(measurement),
+        "wrk_statuses": statuses,
+        "server_statuses": {s: n for (_m, _r, s), n in sorted(delta.items())},
+        "accepted": accepted,
+        "accepted_per_s": round(accepted / (ended - started), 1),
+        "rejected_429": delta.get(("POST", REACTIONS_ROUTE, "429"), 0),
+        "in_flight_at_wrk_stop": accepted - statuses["202"],
+        "window_s": round(ended - started, 3),
+        "broadcasts": len(events),
+        "broadcasts_in_window": len(in_window),
+        "broadcasts_per_s": round(len(in_window) / (ended - started), 3),
+        "max_broadcasts_in_one_second": max(per_second.values(), default=0),
+        "duplicate_seconds": len(seconds) - len(set(seconds)),
+        "sum_of_counts": total,
+        "sum_of_counts_matches": total == accepted and emoji_total == total,
+        "timeline": [
+            {"second": t["second"], "count": sum(t["counts"].values()), "arrived": round(e.at, 3)}
+            for t, e in zip(tallies, events, strict=True)
+        ],
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "src").splitlines()}
+
+
+def memory_gib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    reads = WrkSettings(args.threads, args.connections, args.duration, args.timeout)
+    heavy = WrkSettings(args.threads, args.reaction_connections, args.duration, args.timeout)
+    light = WrkSettings(args.threads, args.light_connections, args.light_duration, args.timeout)
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    git = git_state()
+
+    with tempfile.TemporaryDirectory(prefix="townhall-bench-spaces-") as tmp:
+        workdir = Path(tmp)
+        data, log = workdir / "data", workdir / "townhall.log"
+
+        print("townhall serve (first start: migrate, register the two hosts) ...", flush=True)
+        with townhall_node(data, log, {}) as base:
+            host_tokens = register_hosts(base)
+        print(f"bulk load: {args.followers:,} followers of {BIG}, {SMALL_FOLLOWERS} of {SMALL} ...", flush=True)
+        reactor_tokens, reader_tokens, load_s = bulk_load(data / "townhall.db", args.followers, args.reactors)
+        pop = Population(
+            host_tokens, reactor_tokens, reader_tokens, args.followers, load_s, (data / "townhall.db").stat().st_size
+        )
+        print(f"  {load_s:.1f} s, database {pop.db_bytes / 2**20:.0f} MiB", flush=True)
+
+        print(f"townhall serve (with {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}) ...", flush=True)
+        with townhall_node(data, log, SERVER_ENV) as base:
+            client = Client(base)
+            counts = {
+                h: json.loads(client.expect(200, "GET", f"/api/v1/accounts/{h}")[0])["followers"]
+                for h in (BIG, SMALL)
+            }
+            if counts != {BIG: args.followers, SMALL: SMALL_FOLLOWERS}:
+                raise RuntimeError(f"follower counts seen by the server: {counts}")
+            print("1. fan-out", flush=True)
+            fan = fanout(base, pop, args.samples, args.sample_warmup)
+
+            payload, _ = client.expect(201, "POST", "/api/v1/spaces", {"title": "bench room"}, host_tokens[BIG])
+            space_id = json.loads(payload)["id"]
+            client.expect(200, "POST", f"/api/v1/spaces/{space_id}/start", None, host_tokens[BIG])
+            state_path = f"/api/v1/spaces/{space_id}/state"
+            status, state_body, _, state_headers = client.call("GET", state_path)
+            assert status == 200, (status, state_body)
+            client.close()
+
+            print("2. live-state document", flush=True)
+            get_lua = write_lua(workdir, "get")
+            print(f"  wrk GET {state_path} (townhall) {reads.describe()} ...", flush=True)
+            run_wrk("warm-up", base + state_path, get_lua, reads, args.warmup)
+            state_townhall = run_wrk("townhall GET state", base + state_path, get_lua, reads)
+
+            print(f"3. reactions: {args.reactors:,} accounts, the host on SSE", flush=True)
+            sse = SseRecorder(base, f"/api/v1/spaces/{space_id}/events", host_tokens[BIG])
+            sse.start()
+            if not sse.ready.wait(10) or sse.error:
+                raise RuntimeError(sse.error or "no state event on the SSE stream within 10 s")
+            reaction_lua = write_reaction_lua(workdir, reactor_tokens, args.threads)
+            react_url = f"{base}/api/v1/spaces/{space_id}/reactions"
+            warm = WrkSettings(args.threads, args.reaction_connections, args.warmup, args.timeout)
+            print(f"  warm-up {warm.describe()} ...", flush=True)
+            run_wrk_statuses("warm-up", react_url, reaction_lua, warm)
+            settle(base, ("POST", REACTIONS_ROUTE, "202"))
+            reactions = [
+                reaction_run(base, space_id, sse, f"{args.reaction_connections} clients", reaction_lua, heavy),
+                reaction_run(base, space_id, sse, f"{args.light_connections} clients", reaction_lua, light),
+            ]
+            sse_error = sse.error
+            sse.close()
+            time.sleep(1.1)  # the document is rebuilt at most once a second
+            client = Client(base)
+            doc = json.loads(client.expect(200, "GET", state_path)[0])
+            client.close()
+            final_counts = request_counts(base)
+            all_accepted = int(final_counts[("POST", REACTIONS_ROUTE, "202")])
+
+        print(f"nginx (worker_processes {args.nginx_workers}) ...", flush=True)
+        with nginx_serving({state_path: state_body}, args.nginx_workers, workdir / "www") as nginx_base:
+            client = Client(nginx_base)
+            assert client.expect(200, "GET", state_path)[0] == state_body, "nginx must serve the same bytes"
+            client.close()
+            print(f"  wrk GET {state_path} (nginx) {reads.describe()} ...", flush=True)
+            run_wrk("warm-up", nginx_base + state_path, get_lua, reads, args.warmup)
+            state_nginx = run_wrk("nginx, same bytes", nginx_base + state_path, get_lua, reads)
+        log_text = log.read_text(errors="replace")
+
+    return {
+        "benchmark": "spaces",
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python bench/bench_spaces.py", *sys.argv[1:]]),
+        "git": git,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "memory_gib": memory_gib(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "wrk": tool_version(["wrk", "-v"]),
+            "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "settings": {
+            "followers": args.followers,
+            "small_host_followers": SMALL_FOLLOWERS,
+            "reactors": args.reactors,
+            "samples": args.samples,
+            "sample_warmup": args.sample_warmup,
+            "wrk_reads": reads.describe(),
+            "wrk_reactions": heavy.describe(),
+            "wrk_reactions_light": light.describe(),
+            "warmup_s": args.warmup,
+            "nginx_worker_processes": args.nginx_workers,
+            "server_env": SERVER_ENV,
+            "reaction_limit_per_account": "5/second (default)",
+        },
+        "setup": {
+            "bulk_load_s": round(pop.load_seconds, 2),
+            "database_mib": round(pop.db_bytes / 2**20, 1),
+            "followers_reported": counts,
+        },
+        "fanout": fan,
+        "state_document": {
+            "case": f"GET /api/v1/spaces/{{id}}/state ({len(state_body)} B)",
+            "bytes": len(state_body),
+            "cache_control": state_headers.get("Cache-Control"),
+            "etag": state_headers.get("ETag"),
+            "townhall": dataclasses.asdict(state_townhall),
+            "peer": dataclasses.asdict(state_nginx),
+            "ratio": round(state_townhall.rps / state_nginx.rps, 5) if state_nginx.rps else None,
+        },
+        "reactions": reactions,
+        "reaction_checks": {
+            "sse_error": sse_error,
+            "document_totals": doc["reactions"]["totals"],
+            "server_accepted_all_runs": all_accepted,
+            "document_totals_match": doc["reactions"]["totals"].get(EMOJI, 0) == all_accepted,
+        },
+        "server_5xx": server_errors(final_counts),
+        "server_log_tracebacks": log_text.count("Traceback"),
+    }
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def tables(result: dict[str, Any]) -> str:
+    f = result["settings"]["followers"]
+    rows = [
+        f"| operation | {f:,} followers p50 ms | p99 ms | {SMALL_FOLLOWERS} followers p50 ms | p99 ms "
+        "| ratio p50 | ratio p99 |",
+        "|" + "---|" * 7,
+    ]
+    for r in result["fanout"]:
+        b, s = r["big"], r["small"]
+        rows.append(
+            f"| {r['case']} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
+            f"| {r['ratio_p50']:.2f} | {r['ratio_p99']:.2f} |"
+        )
+    sd = result["state_document"]
+    t, p = sd["townhall"], sd["peer"]
+    rows += [
+        "",
+        "| case | townhall req/s | p50 ms | p99 ms | peer | peer req/s | peer p50 ms | peer p99 ms "
+        "| ratio | failed (townhall / peer) |",
+        "|" + "---|" * 10,
+        f"| {sd['case']} | {fmt_rate(t['rps'])} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
+        f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
+        f"| {fmt_ratio(sd['ratio'])} | {errors_of(t)} / {errors_of(p)} |",
+        "",
+        "| load | accepted/s | wrk p50 ms | wrk p99 ms | 429 | other failed | broadcasts/s "
+        "| most in 1 s | seconds sent twice | sum of counts / accepted |",
+        "|" + "---|" * 10,
+    ]
+    for r in result["reactions"]:
+        w = r["wrk"]
+        other = sum(n for s, n in r["server_statuses"].items() if s not in ("202", "429"))
+        rows.append(
+            f"| {r['load']} ({r['wrk']['settings']}) | {fmt_rate(r['accepted_per_s'])} | {w['p50_ms']:.1f} "
+            f"| {w['p99_ms']:.1f} | {r['rejected_429']} | {other + w['socket_errors'] + w['timeouts']} "
+            f"| {r['broadcasts_per_s']:.2f} | {r['max_broadcasts_in_one_second']} | {r['duplicate_seconds']} "
+            f"| {r['sum_of_counts']:,} / {r['accepted']:,} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), layout="constrained", width_ratios=[1.5, 0.8, 1.7])
+    f = result["settings"]["followers"]
+
+    # Fan-out: median with a whisker up to p99, the two hosts side by side.
+    ax = axes[0]
+    fan = result["fanout"]
+    xs = range(len(fan))
+    width = 0.38
+    for offset, side, label, color in (
+        (-width / 2, "big", f"{f:,} followers", "#3b6ea8"),
+        (width / 2, "small", f"{SMALL_FOLLOWERS} followers", "#9aa5b1"),
+    ):
+        p50 = [r[side]["p50_ms"] for r in fan]
+        p99 = [r[side]["p99_ms"] for r in fan]
+        ax.bar(
+            [x + offset for x in xs],
+            p50,
+            width,
+            label=label,
+            color=color,
+            yerr=[[0] * len(fan), [b - a for a, b in zip(p50, p99, strict=True)]],
+            capsize=3,
+            error_kw={"elinewidth": 0.8},
+        )
+    top = max(max(r["big"]["p99_ms"], r["small"]["p99_ms"]) for r in fan)
+    for x, r in zip(xs, fan, strict=True):
+        peak = max(r["big"]["p99_ms"], r["small"]["p99_ms"])
+        ax.annotate(f"×{r['ratio_p50']:.2f}", (x, peak), ha="center", va="bottom", fontsize=9, xytext=(0, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xticks(list(xs), [r["case"].replace(" (a follower's)", "\n(a follower's)").replace(" + ", "\n+ ")
+                             for r in fan], fontsize=8)  # fmt: skip
+    ax.set_ylim(0, top * 1.2)
+    ax.set_ylabel("latency, ms (bar: median, whisker: p99)")
+    ax.set_title(f"1. fan-out: {f:,} followers vs {SMALL_FOLLOWERS}\n(×: ratio of medians)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+
+    # Live-state document against nginx.
+    ax = axes[1]
+    sd = result["state_document"]
+    t, p = sd["townhall"], sd["peer"]
+    bars = ax.bar(["townhall", "nginx\n(same bytes)"], [t["rps"], p["rps"]], color=["#3b6ea8", "#9aa5b1"], width=0.6)
+    for bar, m in zip(bars, (t, p), strict=True):
+        ax.annotate(
+            f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    ax.set_ylim(0, max(t["rps"], p["rps"]) * 1.35)
+    ax.set_ylabel("requests/s")
+    ax.set_title(f"2. {sd['case']}\nwrk {result['settings']['wrk_reads']}; ratio {fmt_ratio(sd['ratio'])}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+    # Reactions: accepted per tallied second (bars) and broadcasts per wall-clock second (dots).
+    ax = axes[2]
+    runs = result["reactions"]
+    origin = min(e["second"] for r in runs for e in r["timeline"]) if any(r["timeline"] for r in runs) else 0
+    colors = ["#3b6ea8", "#6aa36f"]
+    ax2 = ax.twinx()
+    for r, color in zip(runs, colors, strict=False):
+        xs2 = [e["second"] - origin for e in r["timeline"]]
+        ax.bar(xs2, [e["count"] for e in r["timeline"]], width=0.8, color=color, alpha=0.8,
+               label=f"{r['load']}: {fmt_rate(r['accepted_per_s'])} accepted/s, "
+                     f"p50 {r['wrk']['p50_ms']:.0f} ms, p99 {r['wrk']['p99_ms']:.0f} ms")  # fmt: skip
+        per_second = Counter(int(e["arrived"]) - origin for e in r["timeline"])
+        ax2.plot(sorted(per_second), [per_second[s] for s in sorted(per_second)], "o", color="#c0392b", ms=4)
+    ax2.plot([], [], "o", color="#c0392b", ms=4, label="SSE messages received in that second")
+    ax2.axhline(1, color="#c0392b", lw=0.6, ls="--")
+    ax2.set_ylim(0, 4)
+    ax2.set_ylabel("reactions messages to the host per second", color="#c0392b")
+    ax.set_xlabel("second of the run (the message for second s arrives just after s ends)")
+    ax.set_ylabel("reactions counted in that second (from the messages)")
+    peak = max((e["count"] for r in runs for e in r["timeline"]), default=1)
+    ax.set_ylim(0, peak * 1.45)
+    sums = ", ".join(f"{r['sum_of_counts']:,}/{r['accepted']:,}" for r in runs)
+    ax.set_title(f"3. reactions from {result['settings']['reactors']:,} accounts, host on SSE\n"
+                 f"sum of counts / accepted: {sums}", fontsize=10)  # fmt: skip
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+
+    m = result["machine"]
+    fig.suptitle(
+        f"townhall spaces, {m['cpus']} cores, loopback, SQLite, {result['date'][:10]}  "
+        f"(wrk, server and nginx share the cores; latencies are closed-loop)",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--followers", type=int, default=1_000_000, help="followers of the big host")
+    parser.add_argument("--reactors", type=int, default=1000, help="reacting accounts (default 1000)")
+    parser.add_argument("--samples", type=int, default=100, help="fan-out calls per host and case (default 100)")
+    parser.add_argument("--sample-warmup", type=int, default=5, help="uncounted fan-out calls first (default 5)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted warm-up seconds per wrk run (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections for state reads (default 64)")
+    parser.add_argument(
+        "--reaction-connections", type=int, default=1000, help="wrk connections reacting (default 1000)"
+    )
+    parser.add_argument(
+        "--light-connections", type=int, default=16, help="wrk connections of the lighter reaction load"
+    )
+    parser.add_argument("--light-duration", type=int, default=5, help="seconds of the lighter load (default 5)")
+    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
+    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.reactors <= args.followers:
+        parser.error("--reactors must be between 1 and --followers (reactors are the first followers)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("wrk", "nginx") if find_tool(tool) is None]
+    if missing:
+        print(
+            f"bench_spaces: {' and '.join(missing)} not found; install with:\n"
+            "    apt-get update && apt-get install -y wrk nginx",
+            file=sys.stderr,
+        )
+        return 2
+    t0 = time.monotonic()
+    result = run(args)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "spaces.json", args.out / "spaces.png"
+    json_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    plot(result, png_path)
+    print()
+    machine, setup = result["machine"], result["setup"]
+    print(f"townhall spaces: {result['date']}, {machine['cpus']} cores ({machine['cpu_model']}), {result['wall_s']} s")
+    print(
+        f"{args.followers:,} synthetic followers loaded in {setup['bulk_load_s']} s "
+        f"({setup['database_mib']} MiB); server env: {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}\n"
+    )
+    print(tables(result))
+    checks = result["reaction_checks"]
+    print(
+        f"\nstate document totals {checks['document_totals']} vs server-accepted reactions "
+        f"(all runs, warm-up included) {checks['server_accepted_all_runs']:,}: "
+        f"{'match' if checks['document_totals_match'] else 'MISMATCH'}"
+    )
+    problems = []
+    if result["server_5xx"] or result["server_log_tracebacks"]:
+        problems.append(f"server 5xx {result['server_5xx']}, tracebacks in log {result['server_log_tracebacks']}")
+    if checks["sse_error"]:
+        problems.append(f"SSE: {checks['sse_error']}")
+    for r in result["reactions"]:
+        if not r["sum_of_counts_matches"]:
+            problems.append(f"{r['load']}: sum of counts {r['sum_of_counts']} != accepted {r['accepted']}")
+        if r["duplicate_seconds"] or r["max_broadcasts_in_one_second"] > 2:
+            problems.append(f"{r['load']}: more than one broadcast for a second")
+    if not checks["document_totals_match"]:
+        problems.append("state document totals do not match the accepted reactions")
+    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
+    print(f"wrote {png_path.relative_to(REPO) if png_path.is_relative_to(REPO) else png_path}")
+    for problem in problems:
+        print(f"bench_spaces: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
