@@ -227,7 +227,9 @@ def register_hosts(base: str) -> dict[str, str]:
     try:
         for handle in (BIG, SMALL):
             client.expect(201, "POST", "/api/v1/accounts", {"handle": handle, "password": PASSWORD})
-            payload, _ = client.expect(200, "POST", "/api/v1/sessions", {"handle": handle, "password": PASSWORD})
+            payload, _ = client.expect(
+                200, "POST", "/api/v1/sessions", {"handle": handle, "password": PASSWORD}
+            )
             tokens[handle] = json.loads(payload)["token"]
     finally:
         client.close()
@@ -270,7 +272,10 @@ def bulk_load(db_path: Path, followers: int, reactors: int) -> tuple[list[str], 
         db.executemany(
             "INSERT INTO sessions (account_id, token_hash, created_at, expires_at, revoked_at) "
             "VALUES (?, ?, ?, ?, NULL)",
-            [(owner, token_digest(tok), now, expires) for owner, tok in zip(session_owners, tokens, strict=True)],
+            [
+                (owner, token_digest(tok), now, expires)
+                for owner, tok in zip(session_owners, tokens, strict=True)
+            ],
         )
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -314,8 +319,7 @@ def fanout(base: str, pop: Population, samples: int, warmup: int) -> list[dict[s
         return elapsed
 
     def profile(host: str) -> float:
-        payload, elapsed = client.expect(200, "GET", f"/api/v1/accounts/{host}")
-        return elapsed
+        return client.expect(200, "GET", f"/api/v1/accounts/{host}")[1]
 
     cases: list[tuple[str, Callable[[str], float]]] = [
         ("POST /api/v1/posts", post),
@@ -376,7 +380,9 @@ class SseRecorder(threading.Thread):
     def run(self) -> None:
         try:
             self.conn.request(
-                "GET", self.path, headers={"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
+                "GET",
+                self.path,
+                headers={"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"},
             )
             response = self.conn.getresponse()
             if response.status != 200:
@@ -476,7 +482,9 @@ def write_reaction_lua(directory: Path, tokens: list[str], threads: int) -> Path
     return path
 
 
-def run_wrk_statuses(name: str, url: str, script: Path, settings: WrkSettings) -> tuple[Measurement, dict[str, int]]:
+def run_wrk_statuses(
+    name: str, url: str, script: Path, settings: WrkSettings
+) -> tuple[Measurement, dict[str, int]]:
     """Like ``run_wrk``, also returning the Lua script's count of answers by status."""
     cmd = [
         "wrk",
@@ -489,9 +497,15 @@ def run_wrk_statuses(name: str, url: str, script: Path, settings: WrkSettings) -
         url,
     ]
     out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=settings.duration_s + settings.timeout_s + 30, check=False
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=settings.duration_s + settings.timeout_s + 30,
+        check=False,
     )
-    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("BENCH_")}
+    lines = {
+        ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("BENCH_")
+    }
     if out.returncode != 0 or "BENCH_JSON" not in lines or "BENCH_STATUS" not in lines:
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     raw, statuses = json.loads(lines["BENCH_JSON"]), json.loads(lines["BENCH_STATUS"])
@@ -609,10 +623,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("townhall serve (first start: migrate, register the two hosts) ...", flush=True)
         with townhall_node(data, log, {}) as base:
             host_tokens = register_hosts(base)
-        print(f"bulk load: {args.followers:,} followers of {BIG}, {SMALL_FOLLOWERS} of {SMALL} ...", flush=True)
+        print(
+            f"bulk load: {args.followers:,} followers of {BIG}, {SMALL_FOLLOWERS} of {SMALL} ...", flush=True
+        )
         reactor_tokens, reader_tokens, load_s = bulk_load(data / "townhall.db", args.followers, args.reactors)
         pop = Population(
-            host_tokens, reactor_tokens, reader_tokens, args.followers, load_s, (data / "townhall.db").stat().st_size
+            host_tokens,
+            reactor_tokens,
+            reader_tokens,
+            args.followers,
+            load_s,
+            (data / "townhall.db").stat().st_size,
         )
         print(f"  {load_s:.1f} s, database {pop.db_bytes / 2**20:.0f} MiB", flush=True)
 
@@ -628,7 +649,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("1. fan-out", flush=True)
             fan = fanout(base, pop, args.samples, args.sample_warmup)
 
-            payload, _ = client.expect(201, "POST", "/api/v1/spaces", {"title": "bench room"}, host_tokens[BIG])
+            payload, _ = client.expect(
+                201, "POST", "/api/v1/spaces", {"title": "bench room"}, host_tokens[BIG]
+            )
             space_id = json.loads(payload)["id"]
             client.expect(200, "POST", f"/api/v1/spaces/{space_id}/start", None, host_tokens[BIG])
             state_path = f"/api/v1/spaces/{space_id}/state"
@@ -654,7 +677,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_wrk_statuses("warm-up", react_url, reaction_lua, warm)
             settle(base, ("POST", REACTIONS_ROUTE, "202"))
             reactions = [
-                reaction_run(base, space_id, sse, f"{args.reaction_connections} clients", reaction_lua, heavy),
+                reaction_run(
+                    base, space_id, sse, f"{args.reaction_connections} clients", reaction_lua, heavy
+                ),
                 reaction_run(base, space_id, sse, f"{args.light_connections} clients", reaction_lua, light),
             ]
             sse_error = sse.error
@@ -810,10 +835,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top = max(max(r["big"]["p99_ms"], r["small"]["p99_ms"]) for r in fan)
     for x, r in zip(xs, fan, strict=True):
         peak = max(r["big"]["p99_ms"], r["small"]["p99_ms"])
-        ax.annotate(f"×{r['ratio_p50']:.2f}", (x, peak), ha="center", va="bottom", fontsize=9, xytext=(0, 3),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xticks(list(xs), [r["case"].replace(" (a follower's)", "\n(a follower's)").replace(" + ", "\n+ ")
-                             for r in fan], fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"×{r['ratio_p50']:.2f}",
+            (x, peak),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    names = [r["case"].replace(" (a follower's)", "\n(a follower's)").replace(" + ", "\n+ ") for r in fan]
+    ax.set_xticks(list(xs), names, fontsize=8)
     ax.set_ylim(0, top * 1.2)
     ax.set_ylabel("latency, ms (bar: median, whisker: p99)")
     ax.set_title(f"1. fan-out: {f:,} followers vs {SMALL_FOLLOWERS}\n(×: ratio of medians)", fontsize=10)
@@ -824,7 +856,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = axes[1]
     sd = result["state_document"]
     t, p = sd["townhall"], sd["peer"]
-    bars = ax.bar(["townhall", "nginx\n(same bytes)"], [t["rps"], p["rps"]], color=["#3b6ea8", "#9aa5b1"], width=0.6)
+    bars = ax.bar(
+        ["townhall", "nginx\n(same bytes)"], [t["rps"], p["rps"]], color=["#3b6ea8", "#9aa5b1"], width=0.6
+    )
     for bar, m in zip(bars, (t, p), strict=True):
         ax.annotate(
             f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
@@ -837,7 +871,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
     ax.set_ylim(0, max(t["rps"], p["rps"]) * 1.35)
     ax.set_ylabel("requests/s")
-    ax.set_title(f"2. {sd['case']}\nwrk {result['settings']['wrk_reads']}; ratio {fmt_ratio(sd['ratio'])}", fontsize=10)
+    ax.set_title(
+        f"2. {sd['case']}\nwrk {result['settings']['wrk_reads']}; ratio {fmt_ratio(sd['ratio'])}", fontsize=10
+    )
     ax.grid(axis="y", alpha=0.3)
 
     # Reactions: accepted per tallied second (bars) and broadcasts per wall-clock second (dots).
@@ -848,9 +884,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2 = ax.twinx()
     for r, color in zip(runs, colors, strict=False):
         xs2 = [e["second"] - origin for e in r["timeline"]]
-        ax.bar(xs2, [e["count"] for e in r["timeline"]], width=0.8, color=color, alpha=0.8,
-               label=f"{r['load']}: {fmt_rate(r['accepted_per_s'])} accepted/s, "
-                     f"p50 {r['wrk']['p50_ms']:.0f} ms, p99 {r['wrk']['p99_ms']:.0f} ms")  # fmt: skip
+        label = (
+            f"{r['load']}: {fmt_rate(r['accepted_per_s'])} accepted/s, "
+            f"p50 {r['wrk']['p50_ms']:.0f} ms, p99 {r['wrk']['p99_ms']:.0f} ms"
+        )
+        ax.bar(xs2, [e["count"] for e in r["timeline"]], width=0.8, color=color, alpha=0.8, label=label)
         per_second = Counter(int(e["arrived"]) - origin for e in r["timeline"])
         ax2.plot(sorted(per_second), [per_second[s] for s in sorted(per_second)], "o", color="#c0392b", ms=4)
     ax2.plot([], [], "o", color="#c0392b", ms=4, label="SSE messages received in that second")
@@ -862,8 +900,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     peak = max((e["count"] for r in runs for e in r["timeline"]), default=1)
     ax.set_ylim(0, peak * 1.45)
     sums = ", ".join(f"{r['sum_of_counts']:,}/{r['accepted']:,}" for r in runs)
-    ax.set_title(f"3. reactions from {result['settings']['reactors']:,} accounts, host on SSE\n"
-                 f"sum of counts / accepted: {sums}", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"3. reactions from {result['settings']['reactors']:,} accounts, host on SSE\n"
+        f"sum of counts / accepted: {sums}",
+        fontsize=10,
+    )
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(handles, labels, fontsize=8, loc="upper right")
@@ -883,19 +924,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--followers", type=int, default=1_000_000, help="followers of the big host")
     parser.add_argument("--reactors", type=int, default=1000, help="reacting accounts (default 1000)")
-    parser.add_argument("--samples", type=int, default=100, help="fan-out calls per host and case (default 100)")
-    parser.add_argument("--sample-warmup", type=int, default=5, help="uncounted fan-out calls first (default 5)")
+    parser.add_argument(
+        "--samples", type=int, default=100, help="fan-out calls per host and case (default 100)"
+    )
+    parser.add_argument(
+        "--sample-warmup", type=int, default=5, help="uncounted fan-out calls first (default 5)"
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="uncounted warm-up seconds per wrk run (default 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="uncounted warm-up seconds per wrk run (default 2)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections for state reads (default 64)")
+    parser.add_argument(
+        "--connections", type=int, default=64, help="wrk connections for state reads (default 64)"
+    )
     parser.add_argument(
         "--reaction-connections", type=int, default=1000, help="wrk connections reacting (default 1000)"
     )
     parser.add_argument(
         "--light-connections", type=int, default=16, help="wrk connections of the lighter reaction load"
     )
-    parser.add_argument("--light-duration", type=int, default=5, help="seconds of the lighter load (default 5)")
+    parser.add_argument(
+        "--light-duration", type=int, default=5, help="seconds of the lighter load (default 5)"
+    )
     parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
     parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -924,7 +975,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(result, png_path)
     print()
     machine, setup = result["machine"], result["setup"]
-    print(f"townhall spaces: {result['date']}, {machine['cpus']} cores ({machine['cpu_model']}), {result['wall_s']} s")
+    print(
+        f"townhall spaces: {result['date']}, {machine['cpus']} cores ({machine['cpu_model']}), "
+        f"whole run {result['wall_s']} s"
+    )
     print(
         f"{args.followers:,} synthetic followers loaded in {setup['bulk_load_s']} s "
         f"({setup['database_mib']} MiB); server env: {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}\n"
@@ -938,7 +992,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     problems = []
     if result["server_5xx"] or result["server_log_tracebacks"]:
-        problems.append(f"server 5xx {result['server_5xx']}, tracebacks in log {result['server_log_tracebacks']}")
+        problems.append(
+            f"server 5xx {result['server_5xx']}, tracebacks in log {result['server_log_tracebacks']}"
+        )
     if checks["sse_error"]:
         problems.append(f"SSE: {checks['sse_error']}")
     for r in result["reactions"]:

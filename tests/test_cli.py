@@ -92,7 +92,9 @@ def test_demo_prints_its_url_and_is_live(tmp_path: Path) -> None:
         me = httpx.get(f"{url}api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()
         assert me["handle"] == "demo_host"
         posts = httpx.get(f"{url}api/v1/accounts/demo_host/posts").json()["posts"]
-        assert posts and posts[0]["text"] == "Welcome to townhall."
+        assert [p["text"] for p in posts] == ["demo_host is live: townhall demo", "Welcome to townhall."]
         assert "townhall" in httpx.get(url).text
+        live = httpx.get(f"{url}api/v1/spaces", params={"state": "live"}).json()["spaces"]
+        assert [s["host"] for s in live] == ["demo_host"] and live[0]["id"] in first
     finally:
         stop(proc)

@@ -113,21 +113,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args, host="127.0.0.1", port=args.port)
 
-    async def seed(node: Node) -> None:
+    async def seed(node: Node) -> str:
+        from sqlalchemy import select
+
+        from townhall.spaces import service
+        from townhall.storage.models import Space
+
         async with node.database.session() as db:
             try:
                 await accounts.create_account(db, node.hasher, DEMO_HOST, DEMO_PASSWORD, now=node.clock())
+                fresh = True
             except ApiError:
-                return  # seeded by an earlier run
+                fresh = False  # seeded by an earlier run
             token, _ = await accounts.open_session(
                 db, node.hasher, DEMO_HOST, DEMO_PASSWORD, now=node.clock(), ttl=60
             )
-            principal = await accounts.resolve_token(db, token, now=node.clock())
-            await posts.create_post(db, principal, "Welcome to townhall.", now=node.clock())
+            host = await accounts.resolve_token(db, token, now=node.clock())
+            if fresh:
+                await posts.create_post(db, host, "Welcome to townhall.", now=node.clock())
+            live = await db.scalar(
+                select(Space.id).where(Space.host_id == host.account.id, Space.state == "live")
+            )
+            if live is not None:
+                return live
+            space = await service.create_space(
+                db, host, "townhall demo", scheduled_for=None, recorded=True, now=node.clock()
+            )
+            await service.start_space(db, host, space.id, now=node.clock())
+            return space.id
 
-    _with_node(config, seed)
+    space_id = _with_node(config, seed)
     url = config.effective_public_url + "/"
-    print(f"townhall demo: open {url}  (log in as {DEMO_HOST} / {DEMO_PASSWORD})", flush=True)
+    print(
+        f"townhall demo: open {url}  (log in as {DEMO_HOST} / {DEMO_PASSWORD}; "
+        f"live space {url}api/v1/spaces/{space_id})",
+        flush=True,
+    )
     serve(config)
     return 0
 
