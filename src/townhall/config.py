@@ -43,6 +43,9 @@ class Config:
     speaker_token_ttl_seconds: int = 600
     ticket_ttl_seconds: int = 600
     reaction_limit_per_account: str = "5/second"
+    # ICE servers for WebRTC peers, comma-separated ("stun:stun.example.net:3478,turn:...").
+    # Empty: host candidates only (loopback, LAN, or a public address on the node itself).
+    ice_servers: str = ""
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

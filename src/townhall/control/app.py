@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from townhall.control.node import Node
-from townhall.control.routes import accounts, admin, posts, spaces
+from townhall.control.routes import accounts, admin, media, posts, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
 
@@ -90,6 +90,7 @@ def create_app(node: Node) -> FastAPI:
     app.include_router(posts.router)
     app.include_router(admin.router)
     app.include_router(spaces.router)
+    app.include_router(media.router)
     return app
 
 

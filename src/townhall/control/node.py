@@ -12,13 +12,14 @@ from townhall.admission.limiter import Limiter, LimitsLimiter
 from townhall.admission.tickets import PURPOSE as TICKET_PURPOSE
 from townhall.admission.tickets import TicketBook
 from townhall.config import Config
-from townhall.events import InProcessEventBus, SpaceEnded, SpeakerRevoked, StageChanged
+from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked, StageChanged
 from townhall.security.passwords import PasswordHasher
 from townhall.security.signing import Signer, load_or_create_key_set
 from townhall.spaces.grants import PURPOSE as GRANT_PURPOSE
 from townhall.spaces.grants import GrantBook
 from townhall.spaces.live import LiveHub
 from townhall.spaces.service import Outcome
+from townhall.stage.hub import StageHub, speaker_key
 from townhall.storage.database import Database
 
 
@@ -32,6 +33,7 @@ class Node:
     grants: GrantBook
     tickets: TicketBook
     hub: LiveHub
+    stage: StageHub
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
@@ -51,6 +53,7 @@ class Node:
             grants=GrantBook(Signer(keys, GRANT_PURPOSE), config.speaker_token_ttl_seconds),
             tickets=TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds),
             hub=LiveHub(database, bus, time.time),
+            stage=StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()]),
         )
         return node
 
@@ -62,6 +65,7 @@ class Node:
         self.config.data.mkdir(parents=True, exist_ok=True)
         await self.database.migrate()
         await self.hub.start()
+        await self.stage.start()
         self._tasks.append(asyncio.create_task(self._follow_revocations()))
 
     async def stop(self) -> None:
@@ -69,6 +73,7 @@ class Node:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.stage.stop()
         await self.hub.stop()
         await self.limiter.close()
         await self.database.close()
@@ -76,9 +81,14 @@ class Node:
     async def publish(self, outcome: Outcome) -> None:
         """Announce what a committed operation changed."""
         for event in outcome.events:
+            room = self.stage.rooms.get(event.space_id)
             if isinstance(event, SpeakerRevoked):
                 # Applied locally before anyone hears of it: no window where this node accepts it.
                 self.grants.revoke(event.grant_id, self.clock())
+                if room is not None:
+                    await room.drop_grant(event.grant_id)
+            if isinstance(event, SpeakerMuted) and room is not None:
+                room.set_muted(speaker_key(event.account_id), event.muted)  # before the reply
             if isinstance(event, StageChanged | SpaceEnded):
                 self.hub.invalidate(event.space_id)  # read-your-writes for the caller
             await self.bus.publish(event)

@@ -33,7 +33,8 @@ Float = npt.NDArray[np.float32]
 
 
 def limit(x: Float) -> Float:
-    """Soft-knee limiter: identity below ``KNEE``, then ``KNEE + (1-KNEE)·tanh(..)`` ≤ 1 (reaching 1 only where float32 rounds)."""
+    """Soft-knee limiter: identity below ``KNEE``, then ``KNEE + (1-KNEE)·tanh(..)``, which
+    approaches full scale and reaches it only where float32 rounds."""
     mag = np.abs(x)
     over = mag > KNEE
     if not over.any():

@@ -1,0 +1,62 @@
+"""The stages of all spaces on this node, and how control-plane events reach them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+
+from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked
+from townhall.stage.room import Room
+
+logger = logging.getLogger(__name__)
+
+
+def speaker_key(account_id: int) -> str:
+    return f"a{account_id}"
+
+
+class StageHub:
+    def __init__(self, bus: InProcessEventBus, ice_servers: list[str]) -> None:
+        self.bus = bus
+        self.rooms: dict[str, Room] = {}
+        self._ice = [RTCIceServer(urls=u) for u in ice_servers]
+        self._task: asyncio.Task[None] | None = None
+
+    def new_peer_connection(self) -> RTCPeerConnection:
+        return RTCPeerConnection(RTCConfiguration(iceServers=self._ice))
+
+    def room(self, space_id: str) -> Room:
+        room = self.rooms.get(space_id)
+        if room is None:
+            room = self.rooms[space_id] = Room(space_id)
+        return room
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for room in list(self.rooms.values()):
+            await room.close()
+        self.rooms.clear()
+
+    async def _follow(self) -> None:
+        async with self.bus.listening() as queue:
+            while True:
+                event = await queue.get()
+                room = self.rooms.get(event.space_id)
+                if room is None:
+                    continue
+                if isinstance(event, SpeakerMuted):
+                    room.set_muted(speaker_key(event.account_id), event.muted)
+                elif isinstance(event, SpeakerRevoked):
+                    await room.drop_grant(event.grant_id)
+                elif isinstance(event, SpaceEnded):
+                    await room.close()
+                    self.rooms.pop(event.space_id, None)
