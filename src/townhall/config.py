@@ -46,6 +46,9 @@ class Config:
     # ICE servers for WebRTC peers, comma-separated ("stun:stun.example.net:3478,turn:...").
     # Empty: host candidates only (loopback, LAN, or a public address on the node itself).
     ice_servers: str = ""
+    # Addresses offered as ICE host candidates, comma-separated. Empty: loopback when `host` is
+    # a loopback address, else every interface address.
+    media_addresses: str = ""
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

@@ -20,6 +20,7 @@ from townhall.spaces.grants import GrantBook
 from townhall.spaces.live import LiveHub
 from townhall.spaces.service import Outcome
 from townhall.stage.hub import StageHub, speaker_key
+from townhall.stage.ice import media_addresses_for, restrict_host_addresses
 from townhall.storage.database import Database
 
 
@@ -62,6 +63,7 @@ class Node:
         self.hub.clock = clock
 
     async def start(self) -> None:
+        restrict_host_addresses(media_addresses_for(self.config.media_addresses, self.config.host))
         self.config.data.mkdir(parents=True, exist_ok=True)
         await self.database.migrate()
         await self.hub.start()
