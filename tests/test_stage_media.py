@@ -61,6 +61,13 @@ def test_each_speaker_hears_the_others_and_never_themself(live: Cast) -> None:
             await asyncio.sleep(0.5)  # jitter buffers fill
             tracks = {who: await s.remote_track() for who, s in subs.items()}
             recs = await asyncio.gather(*(record_timed(t, 2.0) for t in tracks.values()))
+            live.server.node.hub.invalidate(live.space_id)
+            async with httpx.AsyncClient(base_url=live.server.url) as http:
+                stage = (await http.get(live.path("/state"))).json()["stage"]
+            speaking = {s["handle"]: (s["speaking"], s["level"]) for s in stage}
+            for who in TONES:  # the "who is speaking" indicator follows the mixer's levels
+                assert speaking[who][0] and speaking[who][1] > 0.5, (who, speaking)
+            assert speaking["host"] == (False, 0.0)
             return {who: r.samples for who, r in zip(tracks, recs, strict=True)}
         finally:
             await _close(pubs, subs)
@@ -175,3 +182,57 @@ def test_revocation_cuts_the_speaker_off(live: Cast) -> None:
     assert asyncio.run(scenario()), "the revoked speaker's connection stayed up"
     room = live.server.node.stage.rooms[live.space_id]
     assert not [p for p in room.peers.values() if p.kind == "whip"]
+
+
+def test_townhall_speak_command(live: Cast) -> None:
+    """`townhall speak` as a person runs it: a WHIP speaker process with progress output."""
+    import subprocess
+    import sys
+
+    whip = f"{live.server.url}/whip/{live.space_id}"
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "townhall",
+            "speak",
+            whip,
+            "--token",
+            token(live, "speaker"),
+            "--tone",
+            "700",
+            "--seconds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "packets" in ok.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "townhall",
+            "speak",
+            whip,
+            "--token",
+            "forged",
+            "--tone",
+            "700",
+            "--seconds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "401" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "townhall", "speak", whip, "--token", "t", "--file", "/nonexistent.wav"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reinstate)
     reinstate.add_argument("handle")
     reinstate.add_argument("--reason")
+    speak = sub.add_parser("speak", help="speak into a space over WHIP (a tone or an audio file)")
+    speak.add_argument("url", help="the whip_url from POST /api/v1/spaces/{id}/speakers")
+    speak.add_argument("--token", required=True, help="the speaker_token")
+    what = speak.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tone", type=float, metavar="HZ", help="a sine tone of this frequency")
+    what.add_argument("--file", metavar="AUDIO", help="any audio file PyAV can decode (looped)")
+    speak.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     return parser
 
 
@@ -113,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args, host="127.0.0.1", port=args.port)
 
-    async def seed(node: Node) -> str:
+    async def seed(node: Node) -> tuple[str, str]:
         from sqlalchemy import select
 
         from townhall.spaces import service
@@ -134,22 +141,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
             live = await db.scalar(
                 select(Space.id).where(Space.host_id == host.account.id, Space.state == "live")
             )
-            if live is not None:
-                return live
-            space = await service.create_space(
-                db, host, "townhall demo", scheduled_for=None, recorded=True, now=node.clock()
-            )
-            await service.start_space(db, host, space.id, now=node.clock())
-            return space.id
+            if live is None:
+                space = await service.create_space(
+                    db, host, "townhall demo", scheduled_for=None, recorded=True, now=node.clock()
+                )
+                await service.start_space(db, host, space.id, now=node.clock())
+                live = space.id
+            grant = await service.speaker_grant(db, host, live)
+            assert grant.grant_id is not None
+            speaker_token, _ = node.grants.issue(live, host.account.id, "host", grant.grant_id, node.clock())
+            return live, speaker_token
 
-    space_id = _with_node(config, seed)
+    space_id, speaker_token = _with_node(config, seed)
     url = config.effective_public_url + "/"
     print(
         f"townhall demo: open {url}  (log in as {DEMO_HOST} / {DEMO_PASSWORD}; "
         f"live space {url}api/v1/spaces/{space_id})",
         flush=True,
     )
-    serve(config)
+
+    async def demo_speaker() -> None:
+        """The demo host talks: a WHIP speaker publishing a tone into the live space."""
+        from townhall.stage.client import StageClientError, speak
+        from townhall.stage.sources import ToneTrack
+
+        whip = f"{config.effective_public_url}/whip/{space_id}"
+        while True:
+            try:
+                await speak(whip, speaker_token, ToneTrack(440.0, amplitude=0.2))
+            except StageClientError as exc:
+                logging.getLogger("townhall.demo").warning("demo speaker: %s; retrying", exc)
+            await asyncio.sleep(2)
+
+    serve(config, companion=demo_speaker)
+    return 0
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    from townhall.stage.client import SpeakProgress, StageClientError, speak
+    from townhall.stage.sources import FileTrack, ToneTrack
+
+    if args.seconds is not None and args.seconds <= 0:
+        print("townhall: --seconds must be positive", file=sys.stderr)
+        return 2
+    try:
+        source = ToneTrack(args.tone) if args.tone is not None else FileTrack(args.file)
+    except (ValueError, OSError) as exc:
+        print(f"townhall: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(p: SpeakProgress) -> None:
+        total = f"/{args.seconds:.0f}" if args.seconds else ""
+        end = "\n" if p.state == "finished" else "\r"
+        print(
+            f"speaking {p.elapsed_s:5.1f}{total} s  {p.packets_sent} packets  {p.bytes_sent // 1024} KiB",
+            end=end,
+        )
+        sys.stdout.flush()
+
+    from urllib.parse import urlparse
+
+    from townhall.stage.ice import media_addresses_for, restrict_host_addresses
+
+    # Speaking to a loopback server keeps the media on loopback too.
+    restrict_host_addresses(media_addresses_for("", urlparse(args.url).hostname or ""))
+    try:
+        result = asyncio.run(speak(args.url, args.token, source, args.seconds, on_progress=progress))
+    except StageClientError as exc:
+        print(f"\ntownhall: {exc}", file=sys.stderr)
+        return 1
+    if result.reason not in ("elapsed", "stopped", "source ended"):
+        print(f"townhall: the stage ended the session ({result.reason})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -166,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "speak":
+            return cmd_speak(args)
         return cmd_admin(args)
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a normal exit.

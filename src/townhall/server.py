@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -29,5 +33,24 @@ def build_server(config: Config, node: Node | None = None) -> uvicorn.Server:
     return uvicorn.Server(uv_config)
 
 
-def serve(config: Config) -> None:
-    build_server(config).run()
+def serve(config: Config, companion: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+    """Serve until stopped. ``companion`` runs beside the server once it is up (the demo's
+    speaker) and is cancelled when the server stops."""
+    server = build_server(config)
+    if companion is None:
+        server.run()
+        return
+
+    async def run() -> None:
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has only a flag
+            await asyncio.sleep(0.05)
+        side = asyncio.create_task(companion())
+        try:
+            await serving
+        finally:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
+
+    asyncio.run(run())

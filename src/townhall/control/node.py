@@ -43,6 +43,7 @@ class Node:
         keys = load_or_create_key_set(config.signing_keys, config.data)
         database = Database(config.effective_database_url, schema=config.database_schema or None)
         bus = InProcessEventBus()
+        stage = StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()])
         node = cls(
             config=config,
             database=database,
@@ -53,8 +54,8 @@ class Node:
             bus=bus,
             grants=GrantBook(Signer(keys, GRANT_PURPOSE), config.speaker_token_ttl_seconds),
             tickets=TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds),
-            hub=LiveHub(database, bus, time.time),
-            stage=StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()]),
+            hub=LiveHub(database, bus, time.time, levels=stage.levels),
+            stage=stage,
         )
         return node
 

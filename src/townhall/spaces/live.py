@@ -20,10 +20,16 @@ from townhall.events import InProcessEventBus, ReactionsTick, SpaceEnded, SpaceE
 from townhall.spaces import service
 from townhall.spaces.listeners import STANDARD_ERROR, ListenerCounter
 from townhall.spaces.reactions import ReactionAggregator, SecondTally
+from townhall.stage.mixer import SPEAKING_DBFS
 from townhall.storage.database import Database
 from townhall.storage.models import Account
 
 logger = logging.getLogger(__name__)
+
+
+def _level(db: float) -> float:
+    """dBFS to a 0-1 meter value: -60 dBFS and below is 0, full scale is 1."""
+    return round(min(1.0, max(0.0, (db + 60.0) / 60.0)), 3)
 
 
 class StateDocument:
@@ -44,7 +50,10 @@ class LiveHub:
         *,
         state_ttl: float = 1.0,
         listener_window: float = 60.0,
+        levels: Callable[[str], dict[str, float]] | None = None,
     ) -> None:
+        # Speaker levels (dBFS by "a<account id>") from the stage, when it runs on this node.
+        self.levels = levels
         self.database = database
         self.bus = bus
         self.clock = clock
@@ -113,6 +122,7 @@ class LiveHub:
             requests = await service.request_count(db, space.id)
             reminders = len(await service.reminders_of(db, space)) if space.state == "scheduled" else 0
         count, exact = self.listener_count(space.id)
+        levels = self.levels(space.id) if self.levels else {}
         agg = self._reactions.get(space.id)
         last = agg.last if agg else None
         return {
@@ -130,9 +140,8 @@ class LiveHub:
                     "role": m.role,
                     "muted": m.muted,
                     "hand_raised": m.hand_raised,
-                    # Filled by the stage's mixer once it reports levels (stage issue).
-                    "speaking": False,
-                    "level": 0.0,
+                    "speaking": not m.muted and levels.get(f"a{m.account_id}", -120.0) > SPEAKING_DBFS,
+                    "level": _level(levels.get(f"a{m.account_id}", -120.0)),
                 }
                 for m, handle in stage
             ],

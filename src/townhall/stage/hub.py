@@ -34,6 +34,10 @@ class StageHub:
             room = self.rooms[space_id] = Room(space_id)
         return room
 
+    def levels(self, space_id: str) -> dict[str, float]:
+        room = self.rooms.get(space_id)
+        return dict(room.levels) if room else {}
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow())
 
