@@ -68,6 +68,10 @@ def test_each_speaker_hears_the_others_and_never_themself(live: Cast) -> None:
             for who in TONES:  # the "who is speaking" indicator follows the mixer's levels
                 assert speaking[who][0] and speaking[who][1] > 0.5, (who, speaking)
             assert speaking["host"] == (False, 0.0)
+            async with httpx.AsyncClient(base_url=live.server.url) as http:
+                metrics = (await http.get("/metrics")).text
+            assert 'townhall_stage_peers{kind="whip"} 3.0' in metrics
+            assert 'townhall_stage_tick_lateness_seconds{quantile="0.99"}' in metrics
             return {who: r.samples for who, r in zip(tracks, recs, strict=True)}
         finally:
             await _close(pubs, subs)

@@ -29,6 +29,8 @@ def build_server(config: Config, node: Node | None = None) -> uvicorn.Server:
         proxy_headers=False,
         server_header=False,
         lifespan="on",
+        # Long-lived streams (SSE) must not hold a shutdown for long.
+        timeout_graceful_shutdown=3,
     )
     return uvicorn.Server(uv_config)
 

@@ -25,6 +25,7 @@ from townhall.control.node import Node
 from townhall.control.routes import accounts, admin, media, posts, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
+from townhall.stage.hub import StageCollector
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def create_app(node: Node) -> FastAPI:
     _install_error_handlers(app)
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
+    registry.register(StageCollector(node.stage))
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=node.config.max_body_bytes)
 

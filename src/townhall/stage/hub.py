@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 
+import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked
 from townhall.stage.room import Room
@@ -64,3 +67,33 @@ class StageHub:
                 elif isinstance(event, SpaceEnded):
                     await room.close()
                     self.rooms.pop(event.space_id, None)
+
+
+class StageCollector:
+    """Prometheus view of the stage: speakers, peers and 20 ms tick lateness per room."""
+
+    def __init__(self, hub: StageHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        rooms = GaugeMetricFamily("townhall_stage_rooms", "spaces with a running stage on this node")
+        rooms.add_metric([], len(self.hub.rooms))
+        yield rooms
+        peers = GaugeMetricFamily("townhall_stage_peers", "WebRTC sessions by kind", labels=["kind"])
+        for kind in ("whip", "whep"):
+            peers.add_metric(
+                [kind], sum(1 for r in self.hub.rooms.values() for p in r.peers.values() if p.kind == kind)
+            )
+        yield peers
+        late = GaugeMetricFamily(
+            "townhall_stage_tick_lateness_seconds",
+            "lateness of the mixer's 20 ms ticks over the last 10 minutes, by quantile (all rooms)",
+            labels=["quantile"],
+        )
+        samples = [x for r in self.hub.rooms.values() for x in r.lateness]
+        for q in (0.5, 0.99, 1.0):
+            late.add_metric([str(q)], float(np.quantile(samples, q)) if samples else 0.0)
+        yield late
+        ticks = CounterMetricFamily("townhall_stage_ticks", "mixer ticks run")
+        ticks.add_metric([], sum(r.mixer.ticks for r in self.hub.rooms.values()))
+        yield ticks
