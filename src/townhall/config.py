@@ -49,6 +49,10 @@ class Config:
     # Addresses offered as ICE host candidates, comma-separated. Empty: loopback when `host` is
     # a loopback address, else every interface address.
     media_addresses: str = ""
+    # LL-HLS: part duration (0.2-1.0 s), parts per segment, AAC-LC bitrate of the program mix.
+    hls_part_seconds: float = 0.5
+    hls_segment_parts: int = 4
+    aac_bitrate: int = 64000
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

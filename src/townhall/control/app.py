@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from townhall.control.node import Node
-from townhall.control.routes import accounts, admin, media, posts, spaces
+from townhall.control.routes import accounts, admin, hls, media, posts, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
 from townhall.stage.hub import StageCollector
@@ -93,6 +93,7 @@ def create_app(node: Node) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(spaces.router)
     app.include_router(media.router)
+    app.include_router(hls.router)
     return app
 
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from townhall.admission.limiter import Limiter, LimitsLimiter
 from townhall.admission.tickets import PURPOSE as TICKET_PURPOSE
 from townhall.admission.tickets import TicketBook
-from townhall.config import Config
+from townhall.audience.origin import Origin
+from townhall.audience.playlist import PlaylistSpec
+from townhall.config import Config, ConfigError
 from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked, StageChanged
 from townhall.security.passwords import PasswordHasher
 from townhall.security.signing import Signer, load_or_create_key_set
@@ -35,6 +37,7 @@ class Node:
     tickets: TicketBook
     hub: LiveHub
     stage: StageHub
+    origin: Origin
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
@@ -43,7 +46,14 @@ class Node:
         keys = load_or_create_key_set(config.signing_keys, config.data)
         database = Database(config.effective_database_url, schema=config.database_schema or None)
         bus = InProcessEventBus()
-        stage = StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()])
+        if not 0.2 <= config.hls_part_seconds <= 1.0 or not 1 <= config.hls_segment_parts <= 12:
+            raise ConfigError("hls_part_seconds must be 0.2-1.0 and hls_segment_parts 1-12")
+        spec = PlaylistSpec(
+            part_target=config.hls_part_seconds,
+            segment_target=config.hls_part_seconds * config.hls_segment_parts,
+        )
+        origin = Origin(spec, config.hls_segment_parts, config.aac_bitrate)
+        stage = StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()], origin)
         node = cls(
             config=config,
             database=database,
@@ -56,6 +66,7 @@ class Node:
             tickets=TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds),
             hub=LiveHub(database, bus, time.time, levels=stage.levels),
             stage=stage,
+            origin=origin,
         )
         return node
 

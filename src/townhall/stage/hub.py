@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked
+from townhall.audience.origin import Origin
+from townhall.events import InProcessEventBus, SpaceEnded, SpaceStarted, SpeakerMuted, SpeakerRevoked
 from townhall.stage.room import Room
 
 logger = logging.getLogger(__name__)
@@ -22,8 +24,9 @@ def speaker_key(account_id: int) -> str:
 
 
 class StageHub:
-    def __init__(self, bus: InProcessEventBus, ice_servers: list[str]) -> None:
+    def __init__(self, bus: InProcessEventBus, ice_servers: list[str], origin: Origin) -> None:
         self.bus = bus
+        self.origin = origin
         self.rooms: dict[str, Room] = {}
         self._ice = [RTCIceServer(urls=u) for u in ice_servers]
         self._task: asyncio.Task[None] | None = None
@@ -35,6 +38,9 @@ class StageHub:
         room = self.rooms.get(space_id)
         if room is None:
             room = self.rooms[space_id] = Room(space_id)
+            packager = self.origin.attach(space_id)
+            room.program_sinks.append(lambda out: packager.feed(out.program, time.time()))
+            room.ensure_running()
         return room
 
     def levels(self, space_id: str) -> dict[str, float]:
@@ -52,11 +58,15 @@ class StageHub:
         for room in list(self.rooms.values()):
             await room.close()
         self.rooms.clear()
+        await self.origin.close()
 
     async def _follow(self) -> None:
         async with self.bus.listening() as queue:
             while True:
                 event = await queue.get()
+                if isinstance(event, SpaceStarted):
+                    self.room(event.space_id)  # listeners hear the room from the first second
+                    continue
                 room = self.rooms.get(event.space_id)
                 if room is None:
                     continue
@@ -67,6 +77,7 @@ class StageHub:
                 elif isinstance(event, SpaceEnded):
                     await room.close()
                     self.rooms.pop(event.space_id, None)
+                    await self.origin.detach(event.space_id)
 
 
 class StageCollector:

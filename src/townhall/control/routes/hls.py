@@ -1,0 +1,151 @@
+"""The LL-HLS origin: ``/hls/{space_id}/`` playlists, init segment, segments and parts.
+
+Every object is the same bytes for every listener. Media objects are immutable (long
+``max-age``, ``immutable``, strong ``ETag``, ``HEAD`` and single ``Range`` support). The live
+playlist is served fresh, and blocking reloads (``_HLS_msn``/``_HLS_part``, RFC 8216bis
+§6.2.5.2) are cacheable by their query, since the answer to one is the same for everybody.
+A listener ticket travels as the ``ticket`` query parameter or the ``townhall_ticket`` cookie
+and is checked on every request, without a database call. Names are matched by pattern and
+served from memory: no request reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from townhall.admission.tickets import TicketError
+from townhall.audience.origin import SpaceStream
+from townhall.audience.playlist import BlockingRequestError, check_blocking_request
+from townhall.control.deps import NodeDep
+from townhall.control.node import Node
+from townhall.errors import ApiError, BadRequest, Forbidden, NotFound
+
+router = APIRouter(tags=["listeners"])
+
+SpaceId = Annotated[str, Path(min_length=1, max_length=16, pattern="^[A-Za-z0-9]+$")]
+MEDIA = re.compile(r"seg(\d{1,9})(?:\.(\d{1,3}))?\.m4s")
+IMMUTABLE = "public, max-age=31536000, immutable"
+PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+MP4_TYPE = "audio/mp4"
+
+
+class RangeNotSatisfiable(ApiError):
+    status = 416
+    code = "range_not_satisfiable"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "not_yet_available"
+
+
+def _check_ticket(node: Node, request: Request, space_id: str) -> None:
+    token = request.query_params.get("ticket") or request.cookies.get("townhall_ticket")
+    if not token:
+        raise Forbidden(
+            "a listener ticket is required: POST /api/v1/spaces/{id}/join", code="ticket_required"
+        )
+    try:
+        node.tickets.check(token, space_id, node.clock())
+    except TicketError as exc:
+        raise Forbidden(str(exc), code=exc.code) from exc
+
+
+def _stream(node: Node, space_id: str) -> SpaceStream:
+    stream = node.origin.streams.get(space_id)
+    if stream is None:
+        raise NotFound("this space has no live audio on this node", code="no_stream")
+    return stream
+
+
+def _media(request: Request, data: bytes, etag: str, media_type: str) -> Response:
+    headers = {"Cache-Control": IMMUTABLE, "ETag": etag, "Accept-Ranges": "bytes"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    spec = request.headers.get("range")
+    if spec:
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", spec.strip())
+        if not m or (not m.group(1) and not m.group(2)):
+            raise RangeNotSatisfiable("only a single bytes=start-end range is supported")
+        size = len(data)
+        if m.group(1):
+            start = int(m.group(1))
+            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        else:
+            start, end = max(0, size - int(m.group(2))), size - 1
+        if start > end or start >= size:
+            raise RangeNotSatisfiable(f"the object is {size} bytes")
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return Response(data[start : end + 1], status_code=206, media_type=media_type, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
+
+
+@router.api_route("/hls/{space_id}/live.m3u8", methods=["GET", "HEAD"], response_class=Response)
+async def live_playlist(
+    space_id: SpaceId,
+    request: Request,
+    node: NodeDep,
+    hls_msn: Annotated[int | None, Query(alias="_HLS_msn", ge=0, le=10**9)] = None,
+    hls_part: Annotated[int | None, Query(alias="_HLS_part", ge=0, le=999)] = None,
+    ticket: Annotated[str | None, Query(max_length=1024)] = None,
+) -> Response:
+    """The live LL-HLS media playlist, with blocking reload."""
+    del ticket  # read by _check_ticket (declared here for the API description)
+    _check_ticket(node, request, space_id)
+    stream = _stream(node, space_id)
+    blocking = hls_msn is not None
+    if hls_part is not None and hls_msn is None:
+        raise BadRequest("_HLS_part needs _HLS_msn", code="bad_blocking_request")
+    if blocking:
+        assert hls_msn is not None
+        try:
+            check_blocking_request(stream.segments, hls_msn, hls_part, stream.segment_parts)
+        except BlockingRequestError as exc:
+            raise BadRequest(str(exc), code="bad_blocking_request") from exc
+        # The spec's bound: answer within three target durations.
+        if not await stream.wait_for(hls_msn, hls_part, 3 * stream.spec.target_duration):
+            raise Unavailable("the requested part did not appear in time")
+    text = stream.playlist()
+    if text is None:
+        raise Unavailable("the stream has not produced its first part yet")
+    cache = (
+        f"public, max-age={6 * stream.spec.target_duration}"
+        if blocking
+        else "public, max-age=0, must-revalidate"
+    )
+    return Response(text, media_type=PLAYLIST_TYPE, headers={"Cache-Control": cache})
+
+
+@router.api_route("/hls/{space_id}/init.mp4", methods=["GET", "HEAD"], response_class=Response)
+async def init_segment(space_id: SpaceId, request: Request, node: NodeDep) -> Response:
+    _check_ticket(node, request, space_id)
+    stream = _stream(node, space_id)
+    if stream.init is None:
+        raise Unavailable("the stream has not started")
+    return _media(request, stream.init, f'"{space_id}-init"', MP4_TYPE)
+
+
+@router.api_route("/hls/{space_id}/{name}", methods=["GET", "HEAD"], response_class=Response)
+async def media_object(
+    space_id: SpaceId,
+    name: Annotated[str, Path(max_length=64)],
+    request: Request,
+    node: NodeDep,
+) -> Response:
+    """A segment (``seg{msn}.m4s``) or a part (``seg{msn}.{part}.m4s``)."""
+    m = MEDIA.fullmatch(name)
+    if m is None:
+        raise NotFound("no such object", code="not_found")
+    _check_ticket(node, request, space_id)
+    stream = _stream(node, space_id)
+    msn = int(m.group(1))
+    if m.group(2) is None:
+        data = stream.segment_bytes.get(msn)
+    else:
+        data = stream.part_bytes.get((msn, int(m.group(2))))
+    if data is None:
+        raise NotFound("no such segment or part (yet, or any more)", code="not_found")
+    return _media(request, data, f'"{space_id}-{name}"', MP4_TYPE)
