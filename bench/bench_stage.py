@@ -1,0 +1,949 @@
+"""Stage benchmark: added latency, CPU of a full stage, spaces per machine, ticks under HTTP load.
+
+Run it from the repository root with the project's venv::
+
+    .venv/bin/python bench/bench_stage.py
+
+It needs ``wrk`` (Debian: ``apt-get install -y wrk``) and matplotlib in the venv. Everything runs
+on 127.0.0.1 (the client process calls ``townhall.stage.ice.restrict_host_addresses`` so that ICE
+offers only loopback candidates; the server does the same because it listens on 127.0.0.1) and
+stops by itself; with the default settings the whole run takes about four minutes.
+
+Method
+------
+``townhall serve`` runs as a subprocess on a fresh data directory, started with the signup and
+login limits at ``1000000/minute``. Every WebRTC client (WHIP speakers, WHEP returns, the direct
+peer) runs in *this* process on one asyncio loop, built on ``townhall.stage.client``. Each WHEP
+return is drained by a task that reads every decoded frame as it comes (decoded audio otherwise
+queues in the receiver). The machine has two cores, shared by the server, the clients and (in 4)
+wrk: the figures are for comparison within one run, not absolute capacity.
+
+Tick lateness comes from the server's ``/metrics``: ``townhall_stage_tick_lateness_seconds``
+gives the 0.5, 0.99 and 1.0 quantiles over every tick of every *live* room (up to 10 minutes).
+It cannot be read for a time window, so each measurement uses rooms of its own: the spaces of
+one measurement are ended (which removes their rooms) before the next one starts. The figures of
+a measurement therefore cover its rooms' whole lives: setup (ICE/DTLS handshakes), warm-up and
+the window; the tick counts of each part are reported. When a quantile read at the end exceeds
+the largest lateness seen before the window, it was reached inside the window (for the maximum,
+exactly; for p99 it is then a lower bound of the window's own p99).
+
+1. **Added latency**, speaker to speaker. Speaker B opens a WHEP return and starts recording
+   (``record_timed``) before speaker A publishes a ``ChirpTrack`` (a 30 ms sweep every 0.5 s).
+   Chirp onsets are found in B's recording (``find_chirps``), turned into wall-clock time with
+   ``started_at + sample / 48000``, and matched to the wall-clock times at which A's track handed
+   each chirp to its sender. The peer is the same chirp over a direct aiortc connection in this
+   process (sending ``RTCPeerConnection`` to receiving one, no server). Reported: median and p95
+   of both, and their difference (what the server adds: decode, jitter buffer, the 20 ms tick,
+   mix, encode, one more hop). As a check, each onset is also timed from the arrival time of the
+   frame that carried it (``frame_arrival`` in the JSON).
+2. **CPU of one full stage**: 13 speakers (the maximum) publishing tones and 13 WHEP mix-minus
+   returns. After a warm-up, the server process's CPU time (``utime + stime`` from
+   ``/proc/<pid>/stat``, every process of its session) is read over a 20 s window: cores used =
+   CPU seconds / wall seconds. This process's own CPU and the frames every client sent and
+   received in the window are reported too, to show whether the clients kept up.
+3. **Spaces per machine**: N = 1, 2, 4, 8, 12, 16, 20 concurrent spaces of 3 speakers (3 WHIP + 3
+   WHEP each); per step, fresh spaces, a warm-up, then ~10 s read through ``/metrics``. A step is
+   "late" if any tick of the window was later than 20 ms (a whole tick). The ramp stops at the
+   first late step, or when the clients fall behind (a WHIP sender or a WHEP return moves less
+   than 90% of its 50 frames/s); reported: the largest N with no late tick.
+4. **Ticks under a control-plane flood**: one space with 3 speakers, first without load, then
+   (each in fresh spaces) while ``wrk -t2 -c128 -d15s`` hits ``GET /api/v1/spaces/{id}/state``,
+   and while it posts wrong passwords to ``POST /api/v1/sessions`` (argon2id verifications).
+   The stage shares the server's process and event loop with the HTTP API, so this is the
+   measurement that says whether it needs a process of its own.
+
+Output: a table on stdout, ``bench/results/stage.json`` and ``bench/results/stage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCOutboundRtpStreamStats, RTCPeerConnection, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from bench_control import HOST, cpu_model, free_port, stop, tail, tool_version, wait_http_ok, write_lua
+
+from townhall.stage.client import Session, publish, record_timed, subscribe
+from townhall.stage.ice import restrict_host_addresses
+from townhall.stage.sources import ChirpTrack, ToneTrack, find_chirps
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+RATE = 48000
+TICK_S = 0.020
+PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
+GENEROUS = "1000000/minute"
+SERVER_ENV = {
+    "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": GENEROUS,
+    "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": GENEROUS,
+    "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": GENEROUS,
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KEEP_UP = 0.9  # a client moving less than this share of its 50 frames/s has fallen behind
+
+logger = logging.getLogger("bench_stage")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Server:
+    base: str
+    proc: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of every process in the server's session (it was started as a leader)."""
+        return session_cpu_seconds(self.proc.pid)
+
+
+def session_cpu_seconds(sid: int) -> float:
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            # After the command: state ppid pgrp session ... utime (14th field) stime (15th).
+            if int(fields[3]) == sid:
+                total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@contextlib.contextmanager
+def townhall_server(workdir: Path) -> Iterator[Server]:
+    exe = Path(sys.executable).parent / "townhall"
+    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
+    port = free_port()
+    data = workdir / "data"
+    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
+    log = workdir / "townhall.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **SERVER_ENV},
+            start_new_session=True,
+        )
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_http_ok(base + "/healthz", proc, 30.0, log)
+        yield Server(base, proc)
+    finally:
+        stop(proc)
+        if proc.returncode not in (0, -15):
+            say(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}")
+
+
+# -- the control API ----------------------------------------------------------------------------
+
+
+class Api:
+    """Accounts, spaces and speaker tokens over HTTP."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = httpx.AsyncClient(base_url=base, timeout=60)
+        self.accounts: list[str] = []
+        self._tokens: dict[str, str] = {}
+
+    async def _call(self, method: str, path: str, expect: int, token: str | None = None, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        r = await self.http.request(method, path, headers=headers, **kw)
+        if r.status_code != expect:
+            raise RuntimeError(f"{method} {path} answered {r.status_code}: {r.text[:300]}")
+        return r.json() if r.content else None
+
+    async def ensure_accounts(self, count: int) -> None:
+        """Register accounts u0, u1, ... until there are ``count`` (a few at a time: argon2)."""
+        sem = asyncio.Semaphore(4)
+
+        async def one(handle: str) -> None:
+            async with sem:
+                await self._call(
+                    "POST", "/api/v1/accounts", 201, json={"handle": handle, "password": PASSWORD}
+                )
+
+        wanted = [f"u{i}" for i in range(len(self.accounts), count)]
+        await asyncio.gather(*(one(h) for h in wanted))
+        self.accounts.extend(wanted)
+
+    async def token(self, handle: str) -> str:
+        if handle not in self._tokens:
+            body = await self._call(
+                "POST", "/api/v1/sessions", 200, json={"handle": handle, "password": PASSWORD}
+            )
+            self._tokens[handle] = body["token"]
+        return self._tokens[handle]
+
+    async def live_space(self, host: str, speakers: Sequence[str]) -> tuple[str, str, list[str]]:
+        """A live space hosted by ``host`` with ``speakers`` on stage: (id, host token, speaker
+        tokens, the host's first)."""
+        token = await self.token(host)
+        space = (await self._call("POST", "/api/v1/spaces", 201, token, json={"title": "bench"}))["id"]
+        await self._call("POST", f"/api/v1/spaces/{space}/start", 200, token)
+        tokens = [
+            (await self._call("POST", f"/api/v1/spaces/{space}/speaker-token", 200, token))["speaker_token"]
+        ]
+        for handle in speakers:
+            grant = await self._call(
+                "POST", f"/api/v1/spaces/{space}/speakers", 200, token, json={"handle": handle}
+            )
+            tokens.append(grant["speaker_token"])
+        return space, token, tokens
+
+    async def end(self, space: str, token: str) -> None:
+        await self._call("POST", f"/api/v1/spaces/{space}/end", 200, token)
+
+    async def metrics(self) -> dict[str, float]:
+        r = await self.http.get("/metrics")
+        r.raise_for_status()
+        return parse_metrics(r.text)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+_METRIC = re.compile(r"^(townhall_stage_[a-z_]+)(\{[^}]*\})?\s+(\S+)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The ``townhall_stage_*`` samples, keyed ``name`` or ``name{labels}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line.strip())
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Lateness:
+    """The server's tick lateness quantiles (ms) and tick count at one moment."""
+
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    ticks: float
+    rooms: float
+    whip: float
+    whep: float
+
+    @classmethod
+    def of(cls, m: dict[str, float]) -> Lateness:
+        q = "townhall_stage_tick_lateness_seconds"
+        return cls(
+            p50_ms=m.get(f'{q}{{quantile="0.5"}}', float("nan")) * 1e3,
+            p99_ms=m.get(f'{q}{{quantile="0.99"}}', float("nan")) * 1e3,
+            max_ms=m.get(f'{q}{{quantile="1.0"}}', float("nan")) * 1e3,
+            ticks=m.get("townhall_stage_ticks_total", m.get("townhall_stage_ticks", float("nan"))),
+            rooms=m.get("townhall_stage_rooms", float("nan")),
+            whip=m.get('townhall_stage_peers{kind="whip"}', float("nan")),
+            whep=m.get('townhall_stage_peers{kind="whep"}', float("nan")),
+        )
+
+
+def window(before: Lateness, after: Lateness) -> dict[str, Any]:
+    """What can be said about the ticks between two reads of the same rooms."""
+    return {
+        "before_window": dataclasses.asdict(before),
+        "end_of_window": dataclasses.asdict(after),
+        "window_ticks": after.ticks - before.ticks,
+        # The maximum grew: the window holds a tick exactly this late.
+        "max_reached_in_window": after.max_ms > before.max_ms,
+        # p99 over the rooms' lives beyond anything seen before: the window's own p99 is at least this.
+        "p99_lower_bound_for_window": after.p99_ms > before.max_ms,
+    }
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+class Drain:
+    """Reads every frame of a WHEP return as it comes, counting them."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        self.frames = 0
+        self._task = asyncio.create_task(self._run(track))
+
+    async def _run(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+                self.frames += 1
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def packets_sent(session: Session) -> int:
+    stats = await session.pc.getStats()
+    return sum(s.packetsSent for s in stats.values() if isinstance(s, RTCOutboundRtpStreamStats))
+
+
+@dataclasses.dataclass
+class Stage:
+    """One live space with its speakers publishing and their mix-minus returns drained."""
+
+    space: str
+    host_token: str
+    whip: list[Session]
+    whep: list[Session]
+    drains: list[Drain]
+
+    async def counters(self) -> tuple[list[int], list[int]]:
+        return [await packets_sent(s) for s in self.whip], [d.frames for d in self.drains]
+
+    async def close(self, api: Api) -> None:
+        for d in self.drains:
+            await d.stop()
+        for s in [*self.whip, *self.whep]:
+            await s.close()
+        await api.end(self.space, self.host_token)
+
+
+async def open_stage(api: Api, handles: Sequence[str], tones: Sequence[float], amplitude: float) -> Stage:
+    """``handles[0]`` hosts; every handle publishes a tone and hears its mix-minus."""
+    space, host_token, tokens = await api.live_space(handles[0], handles[1:])
+    whip_url, whep_url = f"{api.base}/whip/{space}", f"{api.base}/whep/{space}"
+    whip = [
+        await publish(whip_url, t, ToneTrack(f, amplitude), timeout=30)
+        for t, f in zip(tokens, tones, strict=True)
+    ]
+    whep = [await subscribe(whep_url, t, timeout=30) for t in tokens]
+    drains = [Drain(await s.remote_track()) for s in whep]
+    return Stage(space, host_token, whip, whep, drains)
+
+
+async def measure_stages(stages: Sequence[Stage], api: Api, server: Server, seconds: float) -> dict[str, Any]:
+    """CPU, lateness and client throughput over ``seconds`` of already running stages."""
+    lat0 = Lateness.of(await api.metrics())
+    sent0 = [await st.counters() for st in stages]
+    cpu0, own0, t0 = server.cpu_seconds(), own_cpu_seconds(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, own1, t1 = server.cpu_seconds(), own_cpu_seconds(), time.monotonic()
+    sent1 = [await st.counters() for st in stages]
+    lat1 = Lateness.of(await api.metrics())
+    wall = t1 - t0
+    whip_rates = [
+        (b - a) / wall
+        for (p0, _), (p1, _) in zip(sent0, sent1, strict=True)
+        for a, b in zip(p0, p1, strict=True)
+    ]
+    whep_rates = [
+        (b - a) / wall
+        for (_, d0), (_, d1) in zip(sent0, sent1, strict=True)
+        for a, b in zip(d0, d1, strict=True)
+    ]
+    return {
+        "window_s": round(wall, 2),
+        "server_cores": (cpu1 - cpu0) / wall,
+        "client_cores": (own1 - own0) / wall,
+        "whip_packets_per_s_min": min(whip_rates),
+        "whip_packets_per_s_median": float(np.median(whip_rates)),
+        "whep_frames_per_s_min": min(whep_rates),
+        "whep_frames_per_s_median": float(np.median(whep_rates)),
+        "clients_kept_up": min(whip_rates + whep_rates) >= KEEP_UP * 50,
+        "lateness": window(lat0, lat1),
+    }
+
+
+# -- 1. latency ---------------------------------------------------------------------------------
+
+
+class StampedTrack(MediaStreamTrack):
+    """Passes a track's frames through, noting each frame's pts and wall-clock arrival."""
+
+    kind = "audio"
+
+    def __init__(self, inner: MediaStreamTrack) -> None:
+        super().__init__()
+        self.inner = inner
+        self.arrivals: list[tuple[float, int]] = []
+
+    async def recv(self) -> av.AudioFrame:
+        frame = await self.inner.recv()
+        self.arrivals.append((time.time(), int(frame.pts or 0)))
+        return frame
+
+
+async def chirp_latencies(source: ChirpTrack, track: MediaStreamTrack, seconds: float) -> dict[str, Any]:
+    """Record ``track`` for ``seconds`` and time every chirp of ``source`` found in it."""
+    stamped = StampedTrack(track)
+    recording = await record_timed(stamped, seconds)
+    source.stop()
+    if recording.started_at is None:
+        raise RuntimeError("nothing was received")
+    onsets = find_chirps(recording.samples, RATE, source.template)
+    emitted = np.array(source.emitted_at)
+    arrivals = np.array([a for a, _ in stamped.arrivals])
+    positions = np.array([p for _, p in stamped.arrivals], dtype=np.int64) - stamped.arrivals[0][1]
+    latency, by_frame = [], []
+    for onset in onsets:
+        heard = recording.started_at + onset
+        earlier = emitted[emitted <= heard]
+        if not earlier.size or heard - earlier[-1] >= source.interval_s:
+            continue
+        latency.append(heard - earlier[-1])
+        sample = round(onset * RATE)
+        i = int(np.searchsorted(positions, sample, side="right")) - 1
+        by_frame.append(arrivals[i] + (sample - positions[i]) / RATE - earlier[-1])
+    if not latency:
+        raise RuntimeError(f"no chirp found ({len(onsets)} onsets, {emitted.size} emitted)")
+    lat = np.array(latency) * 1e3
+    frame = np.array(by_frame) * 1e3
+    return {
+        "chirps_emitted": int(emitted.size),
+        "chirps_found": len(onsets),
+        "chirps_matched": len(latency),
+        "median_ms": float(np.median(lat)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "min_ms": float(lat.min()),
+        "max_ms": float(lat.max()),
+        "frame_arrival": {"median_ms": float(np.median(frame)), "p95_ms": float(np.percentile(frame, 95))},
+        "gap_samples": recording.gap_samples,
+        "samples_ms": [round(x, 2) for x in lat],
+    }
+
+
+async def latency_through_server(api: Api, seconds: float) -> dict[str, Any]:
+    await api.ensure_accounts(2)
+    space, host_token, (token_a, token_b) = await api.live_space("u0", ["u1"])
+    listener = await subscribe(f"{api.base}/whep/{space}", token_b, timeout=30)
+    try:
+        track = await listener.remote_track()
+        source = ChirpTrack(0.5)
+        recorder = asyncio.create_task(chirp_latencies(source, track, seconds))
+        await asyncio.sleep(0.5)  # the recording runs (room silence) before anything is published
+        speaker = await publish(f"{api.base}/whip/{space}", token_a, source, timeout=30)
+        try:
+            return await recorder
+        finally:
+            await speaker.close()
+    finally:
+        await listener.close()
+        await api.end(space, host_token)
+
+
+def prefer_opus(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    transceiver = pc.addTransceiver(track, direction="sendonly")
+    codecs = RTCRtpSender.getCapabilities("audio").codecs
+    opus = [c for c in codecs if c.mimeType.lower() == "audio/opus"]
+    transceiver.setCodecPreferences(opus + [c for c in codecs if c not in opus])
+
+
+async def latency_direct(seconds: float) -> dict[str, Any]:
+    sender = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    receiver = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    arrived: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+    @receiver.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        if not arrived.done():
+            arrived.set_result(track)
+
+    source = ChirpTrack(0.5)
+    try:
+        prefer_opus(sender, source)
+        await sender.setLocalDescription(await sender.createOffer())
+        await receiver.setRemoteDescription(sender.localDescription)
+        await receiver.setLocalDescription(await receiver.createAnswer())
+        await sender.setRemoteDescription(receiver.localDescription)
+        track = await asyncio.wait_for(arrived, 10)
+        # The first frame the receiver hands out is the first one sent: half a second of silence
+        # before the first chirp, so the recording starts before the chirps do.
+        return await chirp_latencies(source, track, seconds)
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+# -- 4. flood -------------------------------------------------------------------------------------
+
+
+async def run_wrk(url: str, script: Path, threads: int, connections: int, duration_s: int) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--timeout=10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), duration_s + 60)
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode().strip()} {out.decode()}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "settings": f"wrk -t{threads} -c{connections} -d{duration_s}s",
+        "requests_per_s": raw["requests"] / seconds,
+        "status_ge_400": raw["status"],
+        "socket_errors": raw["connect"] + raw["read"] + raw["write"],
+        "timeouts": raw["timeout"],
+        "p50_ms": raw["p50_us"] / 1e3,
+        "p99_ms": raw["p99_us"] / 1e3,
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def tones_for(count: int, base: float = 300.0, step: float = 70.0) -> list[float]:
+    return [base + step * i for i in range(count)]
+
+
+async def run_all(args: argparse.Namespace, server: Server, workdir: Path) -> dict[str, Any]:
+    api = Api(server.base)
+    out: dict[str, Any] = {}
+    try:
+        # 1. latency
+        say(f"1. latency: chirp every 0.5 s, {args.latency_seconds:g} s through the server, then direct ...")
+        through = await latency_through_server(api, args.latency_seconds)
+        direct = await latency_direct(args.latency_seconds)
+        out["latency"] = {
+            "server": through,
+            "direct": direct,
+            "added_median_ms": through["median_ms"] - direct["median_ms"],
+            "added_p95_ms": through["p95_ms"] - direct["p95_ms"],
+            "target_ms": 150,
+        }
+        say(
+            f"   server {through['median_ms']:.1f} / {through['p95_ms']:.1f} ms, direct "
+            f"{direct['median_ms']:.1f} / {direct['p95_ms']:.1f} ms (median / p95)"
+        )
+
+        # 2. CPU of a full stage
+        say(
+            f"2. CPU: 13 speakers + 13 returns, warm-up {args.cpu_warmup:g} s, "
+            f"window {args.cpu_seconds:g} s ..."
+        )
+        await api.ensure_accounts(13)
+        setup0 = time.monotonic()
+        stage = await open_stage(api, api.accounts[:13], tones_for(13), 0.05)
+        setup_s = time.monotonic() - setup0
+        try:
+            await asyncio.sleep(args.cpu_warmup)
+            cpu = await measure_stages([stage], api, server, args.cpu_seconds)
+        finally:
+            await stage.close(api)
+        cpu["setup_s"] = round(setup_s, 2)
+        cpu["target_cores"] = 0.5
+        out["cpu_13"] = cpu
+        lat = cpu["lateness"]["end_of_window"]
+        say(
+            f"   server {cpu['server_cores']:.3f} cores, clients {cpu['client_cores']:.3f} cores; "
+            f"lateness p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
+        )
+
+        # 4. flood (before 3, which may stop early or run long)
+        out["flood"] = await flood(args, api, server, workdir)
+
+        # 3. ramp
+        out["ramp"] = await ramp(args, api, server)
+    finally:
+        await api.aclose()
+    return out
+
+
+async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Path) -> dict[str, Any]:
+    await api.ensure_accounts(3)
+    victim = "u13" if len(api.accounts) > 13 else api.accounts[-1]
+    get_lua = write_lua(workdir, "state")
+    wrong = json.dumps({"handle": victim, "password": "wrong password, for the flood"})
+    login_lua = write_lua(workdir, "wrong_login", "POST", wrong)
+    cases: dict[str, Any] = {}
+    for name, path, script in (
+        ("no load", None, None),
+        ("GET /api/v1/spaces/{id}/state", "state", get_lua),
+        ("POST /api/v1/sessions (wrong password)", "/api/v1/sessions", login_lua),
+    ):
+        say(f"4. flood: {name} ...")
+        stage = await open_stage(api, api.accounts[:3], tones_for(3), 0.2)
+        try:
+            await asyncio.sleep(args.warmup)
+            before = Lateness.of(await api.metrics())
+            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            load = None
+            if script is None:
+                await asyncio.sleep(args.flood_seconds)
+            else:
+                url = api.base + (f"/api/v1/spaces/{stage.space}/state" if path == "state" else str(path))
+                load = await run_wrk(url, script, 2, args.flood_connections, args.flood_seconds)
+            cpu = (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            after = Lateness.of(await api.metrics())
+        finally:
+            await stage.close(api)
+        cases[name] = {"wrk": load, "server_cores": cpu, "lateness": window(before, after)}
+        say(
+            f"   p50 {after.p50_ms:.2f} ms, p99 {after.p99_ms:.2f} ms, max {after.max_ms:.2f} ms"
+            + (f"; {load['requests_per_s']:.0f} req/s" if load else "")
+        )
+    return {"cases": cases, "target_p99_ms": 5.0, "connections": args.flood_connections}
+
+
+async def ramp(args: argparse.Namespace, api: Api, server: Server) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    best = strict = 0
+    stopped = "completed the ramp"
+    deadline = time.monotonic() + args.ramp_budget
+    for n in args.ramp:
+        if time.monotonic() > deadline:
+            stopped = f"time budget ({args.ramp_budget:g} s) spent before N={n}"
+            break
+        say(f"3. ramp: {n} spaces x 3 speakers ...")
+        await api.ensure_accounts(3 * n)
+        setup0 = time.monotonic()
+        stages: list[Stage] = []
+        try:
+            stages = list(
+                await asyncio.gather(
+                    *(open_stage(api, api.accounts[3 * i : 3 * i + 3], tones_for(3), 0.2) for i in range(n))
+                )
+            )
+            setup_s = time.monotonic() - setup0
+            await asyncio.sleep(args.warmup)
+            step = await measure_stages(stages, api, server, args.ramp_seconds)
+        finally:
+            for st in stages:
+                await st.close(api)
+        step["spaces"] = n
+        step["setup_s"] = round(setup_s, 2)
+        lw = step["lateness"]
+        end = lw["end_of_window"]
+        late_in_window = end["max_ms"] > TICK_S * 1e3 and lw["max_reached_in_window"]
+        late_anywhere = end["max_ms"] > TICK_S * 1e3
+        step["late_tick_in_window"] = late_in_window
+        step["late_tick_in_setup"] = late_anywhere and not late_in_window
+        steps.append(step)
+        say(
+            f"   max {end['max_ms']:.2f} ms, p99 {end['p99_ms']:.2f} ms, server {step['server_cores']:.2f} "
+            f"cores, clients {step['client_cores']:.2f} cores, kept up: {step['clients_kept_up']}"
+        )
+        if late_in_window:
+            stopped = f"late tick at N={n}"
+            break
+        if not step["clients_kept_up"]:
+            stopped = f"clients fell behind at N={n}"
+            break
+        best = n
+        if not late_anywhere and strict == n_before(args.ramp, n):
+            strict = n
+    return {
+        "steps": steps,
+        "largest_n_without_late_tick": best,
+        "largest_n_without_late_tick_incl_setup": strict,
+        "stopped": stopped,
+    }
+
+
+def n_before(ramp: Sequence[int], n: int) -> int:
+    """The step before ``n`` in the ramp (0 for the first)."""
+    i = list(ramp).index(n)
+    return ramp[i - 1] if i else 0
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    restrict_host_addresses([HOST])
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="townhall-bench-stage-") as tmp:
+        workdir = Path(tmp)
+        with townhall_server(workdir) as server:
+            results = await run_all(args, server, workdir)
+    return {
+        "benchmark": "stage",
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python bench/bench_stage.py", *sys.argv[1:]]),
+        "clients": "all WebRTC clients in the benchmark process (one asyncio loop), server in a subprocess",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "wrk": tool_version(["wrk", "-v"]),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "server_env": SERVER_ENV,
+        "results": results,
+    }
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    r = result["results"]
+    lat, cpu, fl, rp = r["latency"], r["cpu_13"], r["flood"], r["ramp"]
+    rows = ["| measurement | result | peer / reference | target |", "|---|---|---|---|"]
+    rows.append(
+        f"| 1. speaker→speaker latency, median / p95 | through townhall {lat['server']['median_ms']:.1f} / "
+        f"{lat['server']['p95_ms']:.1f} ms; **added {lat['added_median_ms']:.1f} / "
+        f"{lat['added_p95_ms']:.1f} ms** | direct aiortc peer {lat['direct']['median_ms']:.1f} / "
+        f"{lat['direct']['p95_ms']:.1f} ms | ≤ 150 ms |"
+    )
+    end = cpu["lateness"]["end_of_window"]
+    rows.append(
+        f"| 2. one space, 13 WHIP + 13 WHEP: server CPU | **{cpu['server_cores']:.3f} cores**; tick p99 "
+        f"{end['p99_ms']:.2f} ms, max {end['max_ms']:.2f} ms | clients (this process) "
+        f"{cpu['client_cores']:.3f} cores | < 0.5 core |"
+    )
+    steps = rp["steps"]
+    last = steps[-1] if steps else None
+    rows.append(
+        f"| 3. most 3-speaker spaces with no late tick (> 20 ms) | **{rp['largest_n_without_late_tick']}** "
+        f"in the window ({rp['stopped']}); {rp['largest_n_without_late_tick_incl_setup']} counting setup | "
+        + (
+            f"at N={last['spaces']}: server {last['server_cores']:.2f}, "
+            f"clients {last['client_cores']:.2f} cores"
+            if last
+            else "-"
+        )
+        + " | - |"
+    )
+    for name, case in fl["cases"].items():
+        e = case["lateness"]["end_of_window"]
+        load = case["wrk"]
+        rate = f"{load['requests_per_s']:,.0f} req/s" if load else "no HTTP load"
+        rows.append(
+            f"| 4. tick lateness p50 / p99 / max, {name} | {e['p50_ms']:.2f} / **{e['p99_ms']:.2f}** / "
+            f"{e['max_ms']:.2f} ms | {rate}, server {case['server_cores']:.2f} cores | p99 < 5 ms |"
+        )
+    return "\n".join(rows)
+
+
+def ramp_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| spaces | WHIP / WHEP | tick p50 / p99 / max (ms) | ticks in window | server cores | client cores "
+        "| min WHIP pkt/s / WHEP frames/s | verdict |",
+        "|" + "---|" * 8,
+    ]
+    for s in result["results"]["ramp"]["steps"]:
+        e = s["lateness"]["end_of_window"]
+        verdict = (
+            "late tick"
+            if s["late_tick_in_window"]
+            else ("late tick during setup only" if s["late_tick_in_setup"] else "no late tick")
+        )
+        if not s["clients_kept_up"]:
+            verdict += ", clients behind"
+        rows.append(
+            f"| {s['spaces']} | {e['whip']:.0f} / {e['whep']:.0f} | {e['p50_ms']:.2f} / {e['p99_ms']:.2f} / "
+            f"{e['max_ms']:.2f} | {s['lateness']['window_ticks']:.0f} | {s['server_cores']:.2f} | "
+            f"{s['client_cores']:.2f} | {s['whip_packets_per_s_min']:.0f} / {s['whep_frames_per_s_min']:.0f} "
+            f"| {verdict} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["results"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
+
+    ax = axes[0][0]
+    lat = r["latency"]
+    data = [lat["direct"]["samples_ms"], lat["server"]["samples_ms"]]
+    ax.boxplot(data, whis=(5, 95), showfliers=True)
+    ax.set_xticks([1, 2], ["direct aiortc\n(no server)", "through townhall\n(WHIP → mix → WHEP)"])
+    for i, side in enumerate(("direct", "server"), start=1):
+        s = lat[side]
+        ax.annotate(
+            f"median {s['median_ms']:.1f} ms\np95 {s['p95_ms']:.1f} ms",
+            (i + 0.3, s["median_ms"]),
+            fontsize=8,
+            va="center",
+        )
+    ax.axhline(150, color="#c0392b", ls="--", lw=1)
+    ax.text(0.55, 152, "target 150 ms", color="#c0392b", fontsize=8, va="bottom")
+    ax.set_ylim(0, max(170, max(max(d) for d in data) * 1.1))
+    ax.set_ylabel("chirp latency, ms")
+    ax.set_title(
+        f"1. speaker→speaker latency: added by the server {lat['added_median_ms']:.1f} ms (median), "
+        f"{lat['added_p95_ms']:.1f} ms (p95)",
+        fontsize=9,
+    )
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[0][1]
+    cpu = r["cpu_13"]
+    bars = ax.bar(
+        ["townhall server", "clients (bench process)"],
+        [cpu["server_cores"], cpu["client_cores"]],
+        color=["#3b6ea8", "#9aa5b1"],
+        width=0.55,
+    )
+    for bar in bars:
+        ax.annotate(
+            f"{bar.get_height():.3f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    ax.axhline(0.5, color="#c0392b", ls="--", lw=1)
+    ax.text(0.5, 0.51, "target < 0.5 core (server)", color="#c0392b", fontsize=8, ha="center")
+    ax.set_ylim(0, max(1.0, cpu["server_cores"], cpu["client_cores"]) * 1.15)
+    ax.set_ylabel("cores (CPU s / wall s)")
+    end = cpu["lateness"]["end_of_window"]
+    ax.set_title(
+        f"2. one space, 13 WHIP + 13 WHEP, {cpu['window_s']:.0f} s window; tick p99 {end['p99_ms']:.2f} ms",
+        fontsize=9,
+    )
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[1][0]
+    steps = r["ramp"]["steps"]
+    if steps:
+        ns = [s["spaces"] for s in steps]
+        ax.plot(
+            ns, [s["lateness"]["end_of_window"]["max_ms"] for s in steps], "o-", label="max", color="#c0392b"
+        )
+        ax.plot(
+            ns, [s["lateness"]["end_of_window"]["p99_ms"] for s in steps], "s-", label="p99", color="#3b6ea8"
+        )
+        ax.plot(
+            ns, [s["lateness"]["end_of_window"]["p50_ms"] for s in steps], "^-", label="p50", color="#7f8c8d"
+        )
+        ax.axhline(20, color="#c0392b", ls="--", lw=1)
+        ax.text(ns[0], 21, "late = 20 ms (a whole tick)", color="#c0392b", fontsize=8)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(bottom=0)
+        ax.set_xticks(ns)
+        ax2 = ax.twinx()
+        ax2.bar(ns, [s["server_cores"] for s in steps], alpha=0.15, color="#3b6ea8", width=0.8)
+        ax2.set_ylabel("server cores (bars)")
+        ax2.set_ylim(0, 2.2)
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("concurrent spaces (3 WHIP + 3 WHEP each)")
+    ax.set_ylabel("tick lateness, ms (symlog)")
+    ax.set_title(
+        f"3. spaces per machine: largest N with no late tick = {r['ramp']['largest_n_without_late_tick']} "
+        f"({r['ramp']['stopped']})",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+
+    ax = axes[1][1]
+    cases = r["flood"]["cases"]
+    labels = [n.replace(" (wrong password)", "\n(wrong password)").replace("GET ", "GET\n") for n in cases]
+    x = np.arange(len(cases))
+    width = 0.26
+    for k, (key, color) in enumerate((("p50_ms", "#7f8c8d"), ("p99_ms", "#3b6ea8"), ("max_ms", "#c0392b"))):
+        values = [c["lateness"]["end_of_window"][key] for c in cases.values()]
+        bars = ax.bar(x + (k - 1) * width, values, width, label=key.replace("_ms", ""), color=color)
+        for bar, v in zip(bars, values, strict=True):
+            ax.annotate(
+                f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7
+            )
+    ax.axhline(5, color="#c0392b", ls="--", lw=1)
+    ax.text(-0.45, 5.3, "target p99 < 5 ms", color="#c0392b", fontsize=8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("tick lateness, ms (symlog)")
+    ax.set_title(f"4. one 3-speaker space under wrk -t2 -c{r['flood']['connections']} (15 s)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+    m = result["machine"]
+    fig.suptitle(
+        f"townhall stage, {m['cpus']} cores shared by server, clients and wrk, loopback, "
+        f"{result['date'][:10]}",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--latency-seconds", type=float, default=12, help="recording per path (default 12)")
+    parser.add_argument("--warmup", type=float, default=3, help="warm-up before each window, s (default 3)")
+    parser.add_argument("--cpu-warmup", type=float, default=6, help="warm-up of the 13-speaker stage, s")
+    parser.add_argument("--cpu-seconds", type=float, default=20, help="CPU window, s (default 20)")
+    parser.add_argument("--ramp-seconds", type=float, default=10, help="window per ramp step, s (default 10)")
+    parser.add_argument(
+        "--ramp",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2, 4, 8, 12, 16, 20],
+        help="spaces per step (default 1,2,4,8,12,16,20)",
+    )
+    parser.add_argument("--ramp-budget", type=float, default=150, help="no new ramp step after this, s")
+    parser.add_argument("--flood-seconds", type=int, default=15, help="wrk duration, s (default 15)")
+    parser.add_argument("--flood-connections", type=int, default=128, help="wrk connections (default 128)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if tool_version(["wrk", "-v"]) == "not found":
+        print(
+            "bench_stage: wrk not found; install with: apt-get update && apt-get install -y wrk",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    began = time.monotonic()
+    result = asyncio.run(main_async(args))
+    result["run_seconds"] = round(time.monotonic() - began, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "stage.json", args.out / "stage.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, png_path)
+    m = result["machine"]
+    say(
+        f"\ntownhall stage: {result['date']}, {m['cpus']} cores ({m['cpu_model']}), {result['run_seconds']} s"
+    )
+    say(result["clients"] + "\n")
+    say(table(result))
+    say("\n" + ramp_table(result))
+    for p in (json_path, png_path):
+        say(f"wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
