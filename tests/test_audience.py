@@ -84,6 +84,11 @@ def test_a_speakers_tone_reaches_hls_listeners(live: Cast) -> None:
         base = url.split("live.m3u8")[0]
         init = hls.get(base + "init.mp4", params=ticket)
         assert init.status_code == 200 and "immutable" in init.headers["cache-control"]
+        head = hls.http.head(base + "init.mp4", params=ticket)
+        assert head.status_code == 200 and head.headers["etag"] == init.headers["etag"] and not head.content
+        ranged = hls.get(base + "init.mp4", params=ticket, headers={"Range": "bytes=0-7"})
+        assert ranged.status_code == 206 and ranged.content == init.content[:8]
+        assert ranged.headers["content-range"] == f"bytes 0-7/{len(init.content)}"
         done = [s for s in playlist.segments if s.uri]
         media = [hls.get(base + s.uri, params=ticket).content for s in done[-2:]]
         samples = decode(init.content, media)

@@ -62,7 +62,7 @@ class LiveHub:
         self._reactions: dict[str, ReactionAggregator] = {}
         self._listeners: dict[str, ListenerCounter] = {}
         self._docs: dict[str, StateDocument] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._building: dict[str, asyncio.Future[StateDocument]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.builds = 0
 
@@ -96,23 +96,26 @@ class LiveHub:
     # -- the state document -------------------------------------------------------------------
 
     async def document(self, space_id: str) -> StateDocument:
-        """The space's state, rebuilt at most once per ``state_ttl`` (one build even when many
-        requests arrive at once: they wait on the same lock and share the result)."""
+        """The space's state, rebuilt at most once per ``state_ttl``. Requests that arrive while
+        a build runs await that same build (one future per space), so a burst costs one build
+        and every waiter is released together when it lands."""
         doc = self._docs.get(space_id)
         if doc is not None and self.clock() - doc.built_at < self.state_ttl:
             return doc
-        lock = self._locks.setdefault(space_id, asyncio.Lock())
-        async with lock:
-            doc = self._docs.get(space_id)
-            if doc is not None and self.clock() - doc.built_at < self.state_ttl:
-                return doc
-            state = await self.build(space_id)
-            doc = StateDocument(
-                json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode(), self.clock()
-            )
-            self._docs[space_id] = doc
-            self.builds += 1
-            return doc
+        pending = self._building.get(space_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._rebuild(space_id))
+            self._building[space_id] = pending
+            pending.add_done_callback(lambda _: self._building.pop(space_id, None))
+        return await asyncio.shield(pending)
+
+    async def _rebuild(self, space_id: str) -> StateDocument:
+        state = await self.build(space_id)
+        body = json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode()
+        doc = StateDocument(body, self.clock())
+        self._docs[space_id] = doc
+        self.builds += 1
+        return doc
 
     async def build(self, space_id: str) -> dict[str, Any]:
         async with self.database.session() as db:

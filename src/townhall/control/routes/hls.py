@@ -83,7 +83,8 @@ def _media(request: Request, data: bytes, etag: str, media_type: str) -> Respons
     return Response(data, media_type=media_type, headers=headers)
 
 
-@router.api_route("/hls/{space_id}/live.m3u8", methods=["GET", "HEAD"], response_class=Response)
+@router.get("/hls/{space_id}/live.m3u8", response_class=Response)
+@router.head("/hls/{space_id}/live.m3u8", include_in_schema=False)
 async def live_playlist(
     space_id: SpaceId,
     request: Request,
@@ -119,7 +120,8 @@ async def live_playlist(
     return Response(text, media_type=PLAYLIST_TYPE, headers={"Cache-Control": cache})
 
 
-@router.api_route("/hls/{space_id}/init.mp4", methods=["GET", "HEAD"], response_class=Response)
+@router.get("/hls/{space_id}/init.mp4", response_class=Response)
+@router.head("/hls/{space_id}/init.mp4", include_in_schema=False)
 async def init_segment(space_id: SpaceId, request: Request, node: NodeDep) -> Response:
     _check_ticket(node, request, space_id)
     stream = _stream(node, space_id)
@@ -128,7 +130,8 @@ async def init_segment(space_id: SpaceId, request: Request, node: NodeDep) -> Re
     return _media(request, stream.init, f'"{space_id}-init"', MP4_TYPE)
 
 
-@router.api_route("/hls/{space_id}/{name}", methods=["GET", "HEAD"], response_class=Response)
+@router.get("/hls/{space_id}/{name}", response_class=Response)
+@router.head("/hls/{space_id}/{name}", include_in_schema=False)
 async def media_object(
     space_id: SpaceId,
     name: Annotated[str, Path(max_length=64)],

@@ -198,7 +198,9 @@ async def whep(
 
 
 @router.delete("/whip/{space_id}/{session_id}", status_code=200, response_class=Response)
-@router.delete("/whep/{space_id}/{session_id}", status_code=200, response_class=Response)
+@router.delete(
+    "/whep/{space_id}/{session_id}", status_code=200, response_class=Response, include_in_schema=False
+)
 async def end_session(space_id: SpaceId, session_id: SessionId, request: Request, node: NodeDep) -> Response:
     """End a WHIP or WHEP session (RFC 9725 §4.2). Needs the token that opened it."""
     token = _bearer(request)
