@@ -38,6 +38,8 @@ test: lint typecheck unit
 ## Benchmarks (not part of the tests): see BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_control.py
+	$(BIN)/python bench/bench_spaces.py
+	$(BIN)/python bench/bench_stage.py
 
 ## Re-pin every dependency after changing pyproject.toml.
 lock:
