@@ -6,7 +6,8 @@ Run it from the repository root with the project's venv::
 
 Like ``bench_control.py`` (whose helpers it imports), it needs ``wrk`` and ``nginx`` (Debian:
 ``apt-get install -y wrk nginx``) and matplotlib in the venv. Everything runs on 127.0.0.1 and
-stops by itself; with the default settings the whole run takes about two minutes.
+stops by itself; with the default settings the whole run takes about 90 seconds (plus any
+``--wait-quiet``).
 
 Method
 ------
@@ -35,20 +36,34 @@ restarted on that database with ``TOWNHALL_POST_LIMIT_PER_ACCOUNT=1000000/minute
 3. **Reactions.** The host holds ``GET /api/v1/spaces/{id}/events`` (SSE) open in a thread and
    records every ``reactions`` message (one per space per second by design) with its arrival
    time. wrk then sends ``POST .../reactions`` ``{"emoji": "👏"}`` over ``--reaction-connections``
-   connections (default 1,000: one per reacting account) with a Lua script that rotates the
-   1,000 bearer tokens, then a lighter load (``--light-connections``) to show that the broadcast
-   rate does not follow the reaction rate. After each run the script waits until the server has
-   drained (its own request counter in ``/metrics`` stops moving) and the open second has closed.
-   Reported: reactions accepted (202) per second and their wrk p50/p99 (closed loop: with 1,000
-   connections the latency is mostly queueing), 429s, SSE messages per second and the most in
-   any one wall-clock second, whether any second was broadcast twice, and the reconciliation:
-   the sum of the counts in the messages against the accepted reactions. "Accepted" is the
-   server's own count of 202 answers on that route (``/metrics``): wrk stops with requests still
-   in flight, which the server completes and counts but wrk never sees, so wrk's 202 count is
-   lower by up to the number of connections. The state document's cumulative ``totals`` are
-   checked as a third view.
+   connections (default 1,000: as many as reacting accounts) with a Lua script that rotates the
+   1,000 bearer tokens (each wrk thread from its own offset), after an uncounted warm-up; then a
+   lighter load (``--light-connections``) to show that the broadcast rate does not follow the
+   reaction rate. After each run the script waits until the server has drained (its own request
+   counter in ``/metrics`` stops moving) and the open second has closed. Reported:
 
-wrk, the server and nginx share the machine's cores. Latencies are closed-loop figures.
+   - reactions accepted per second: the server's rate under load, the mean of the per-second
+     counts (from the SSE messages) of the whole seconds inside wrk's run; and wrk's own rate of
+     202 answers;
+   - 429s and other failures, from the server's counters (``/metrics``) and wrk's;
+   - SSE ``reactions`` messages per second of activity, the most received in any one
+     wall-clock second, and whether any second was broadcast twice;
+   - the reconciliation: the sum of the counts in the messages against the accepted reactions,
+     i.e. the server's own count of 202 answers on that route (``/metrics``). wrk stops with a
+     request in flight on every connection, which the server completes and counts but wrk never
+     sees, so wrk's 202 count is lower by up to the number of connections. The state document's
+     cumulative ``totals`` are checked as a third view;
+   - latency three ways, because with 1,000 connections in a closed loop wrk's percentiles
+     describe only the requests that completed before it stopped, and an unfair server lets some
+     connections cycle fast while others wait: wrk's p50/p99, the server's own histogram for the
+     route (``townhall_http_request_seconds``; the bucket the percentile falls in) and the mean
+     time in the loop by Little's law (connections ÷ accepted rate).
+
+wrk, the server and nginx share the machine's cores, and nothing keeps other programs off them:
+the run reports the CPU time used meanwhile by processes other than its own
+(``other_cpu_share``: /proc/stat's busy time minus this process's and its children's), and
+``--wait-quiet N`` first waits up to N seconds for the machine to be idle. Latencies are
+closed-loop figures.
 
 Output: tables on stdout, ``bench/results/spaces.json`` and ``bench/results/spaces.png``.
 """
@@ -109,6 +124,12 @@ SMALL_FOLLOWERS = 10
 EMOJI = "👏"
 SERVER_ENV = {"TOWNHALL_POST_LIMIT_PER_ACCOUNT": "1000000/minute"}
 REACTIONS_ROUTE = "/api/v1/spaces/{space_id}/reactions"
+SHORT_NAMES = {
+    "POST /api/v1/posts": "POST /posts",
+    "POST /api/v1/spaces + /start": "POST /spaces\n+ /start",
+    "GET /api/v1/feed (a follower's)": "GET /feed\n(a follower's)",
+    "GET /api/v1/accounts/{handle}": "GET /accounts/{handle}\n(profile: counts)",
+}
 
 
 # -- a keep-alive client -----------------------------------------------------------------------
@@ -185,22 +206,47 @@ def townhall_node(data: Path, log: Path, env: dict[str, str]) -> Iterator[str]:
             print(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}", file=sys.stderr)
 
 
-def request_counts(base: str) -> Counter[tuple[str, str, str]]:
-    """The server's ``townhall_http_requests_total`` by (method, route, status)."""
+def _labels(text: str) -> dict[str, str]:
+    return {k: v.strip('"') for k, v in (part.split("=", 1) for part in text.split('",') if "=" in part)}
+
+
+def scrape(base: str) -> tuple[Counter[tuple[str, str, str]], dict[str, dict[float, float]]]:
+    """From the server's ``/metrics``: ``townhall_http_requests_total`` by (method, route, status),
+    and the cumulative buckets of ``townhall_http_request_seconds`` by route."""
     client = Client(base)
     try:
         payload, _ = client.expect(200, "GET", "/metrics")
     finally:
         client.close()
     counts: Counter[tuple[str, str, str]] = Counter()
+    buckets: dict[str, dict[float, float]] = {}
     for line in payload.decode().splitlines():
-        if not line.startswith("townhall_http_requests_total{"):
+        name, _, rest = line.partition("{")
+        if name not in ("townhall_http_requests_total", "townhall_http_request_seconds_bucket"):
             continue
-        labels_text, value = line[len("townhall_http_requests_total{") :].rsplit("} ", 1)
-        labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
-        key = tuple(labels.get(k, "").strip('"') for k in ("method", "route", "status"))
-        counts[(key[0], key[1], key[2])] += float(value)
-    return counts
+        labels_text, value = rest.rsplit("} ", 1)
+        labels = _labels(labels_text)
+        if name == "townhall_http_requests_total":
+            counts[(labels.get("method", ""), labels.get("route", ""), labels.get("status", ""))] += float(
+                value
+            )
+        else:
+            buckets.setdefault(labels.get("route", ""), {})[float(labels["le"])] = float(value)
+    return counts, buckets
+
+
+def request_counts(base: str) -> Counter[tuple[str, str, str]]:
+    return scrape(base)[0]
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """p50 and p99 of the requests between two scrapes, as the histogram bucket they fall in."""
+    delta = sorted((le, after.get(le, 0.0) - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+    out: dict[str, Any] = {"n": int(total)}
+    for name, q in (("p50_le_s", 0.5), ("p99_le_s", 0.99)):
+        out[name] = next((le for le, n in delta if total and n >= q * total), None)
+    return out
 
 
 def server_errors(counts: Counter[tuple[str, str, str]]) -> dict[str, int]:
@@ -548,13 +594,13 @@ def reaction_run(
 ) -> dict[str, Any]:
     path = f"/api/v1/spaces/{space_id}/reactions"
     key = ("POST", REACTIONS_ROUTE, "202")
-    before, seen = request_counts(base), len(sse.snapshot())
+    (before, hist_before), seen = scrape(base), len(sse.snapshot())
     started = time.time()
     print(f"  {label}: wrk POST {path} {settings.describe()} ...", flush=True)
     measurement, statuses = run_wrk_statuses(f"townhall reactions ({label})", base + path, script, settings)
     ended = time.time()
     settle(base, key)
-    after = request_counts(base)
+    after, hist_after = scrape(base)
     delta = {k: int(after[k] - before[k]) for k in after if k[1] == REACTIONS_ROUTE and after[k] != before[k]}
     accepted = delta.get(key, 0)
     events = [e for e in sse.snapshot()[seen:] if e.kind == "reactions"]
@@ -562,23 +608,40 @@ def reaction_run(
     seconds = [t["second"] for t in tallies]
     total = sum(sum(t["counts"].values()) for t in tallies)
     emoji_total = sum(t["counts"].get(EMOJI, 0) for t in tallies)
-    # Broadcasts per wall-clock second while the load ran: each arrival binned by int(time).
-    in_window = [e for e in events if started <= e.at <= ended]
-    per_second = Counter(int(e.at) for e in in_window)
+    # The server's rate under load: the tallies of the whole seconds inside wrk's run.
+    full = [sum(t["counts"].values()) for t in tallies if started <= t["second"] and t["second"] + 1 <= ended]
+    span = seconds[-1] - seconds[0] + 1 if seconds else 0
+    per_wall_second = Counter(int(e.at) for e in events)
+    lags = [e.at - (t["second"] + 1) for t, e in zip(tallies, events, strict=True)]
     return {
         "load": label,
+        "started": round(started, 3),
+        "ended": round(ended, 3),
         "wrk": dataclasses.asdict(measurement),
         "wrk_statuses": statuses,
         "server_statuses": {s: n for (_m, _r, s), n in sorted(delta.items())},
         "accepted": accepted,
-        "accepted_per_s": round(accepted / (ended - started), 1),
+        "accepted_per_s": round(statistics.fmean(full), 1)
+        if full
+        else round(accepted / (ended - started), 1),
+        "accepted_per_s_basis": f"mean of {len(full)} whole seconds" if full else "accepted / wrk window",
         "rejected_429": delta.get(("POST", REACTIONS_ROUTE, "429"), 0),
         "in_flight_at_wrk_stop": accepted - statuses["202"],
+        # Time inside the server (ASGI app, from the first byte it handles to the last it sends).
+        "server_latency": bucket_quantiles(hist_before.get(REACTIONS_ROUTE, {}), hist_after[REACTIONS_ROUTE]),
+        # Little's law on the server's rate: mean time a request spends in the closed loop.
+        "littles_law_mean_ms": round(settings.connections / statistics.fmean(full) * 1e3, 1)
+        if full
+        else None,
         "window_s": round(ended - started, 3),
         "broadcasts": len(events),
-        "broadcasts_in_window": len(in_window),
-        "broadcasts_per_s": round(len(in_window) / (ended - started), 3),
-        "max_broadcasts_in_one_second": max(per_second.values(), default=0),
+        "seconds_with_reactions": span,
+        "broadcasts_per_s": round(len(events) / span, 3) if span else 0.0,
+        "max_broadcasts_in_one_second": max(per_wall_second.values(), default=0),
+        "broadcast_lag_ms": {
+            "p50": round(statistics.median(lags) * 1e3, 1) if lags else None,
+            "max": round(max(lags) * 1e3, 1) if lags else None,
+        },
         "duplicate_seconds": len(seconds) - len(set(seconds)),
         "sum_of_counts": total,
         "sum_of_counts_matches": total == accepted and emoji_total == total,
@@ -600,6 +663,31 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "src").splitlines()}
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have been waited for (the server,
+    wrk, nginx: all of them by the end of the run)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_quiet(limit_s: float, busy_share: float = 0.15, quiet_samples: int = 3) -> float:
+    """Wait up to ``limit_s`` for ``quiet_samples`` one-second samples below ``busy_share`` of the
+    machine's CPU; return the seconds waited."""
+    start, quiet = time.monotonic(), 0
+    cores = os.cpu_count() or 1
+    while quiet < quiet_samples and time.monotonic() - start < limit_s:
+        before = busy_cpu_s()
+        time.sleep(1.0)
+        quiet = quiet + 1 if (busy_cpu_s() - before) / cores < busy_share else 0
+    return time.monotonic() - start
+
+
 def memory_gib() -> float:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -613,7 +701,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heavy = WrkSettings(args.threads, args.reaction_connections, args.duration, args.timeout)
     light = WrkSettings(args.threads, args.light_connections, args.light_duration, args.timeout)
     started = dt.datetime.now(dt.UTC)
+    if args.wait_quiet:
+        print(f"waiting up to {args.wait_quiet} s for the machine to be quiet ...", flush=True)
+        print(f"  waited {wait_quiet(args.wait_quiet):.0f} s", flush=True)
     load_before = os.getloadavg()
+    busy_before, own_before, wall_before = busy_cpu_s(), own_cpu_s(), time.monotonic()
     git = git_state()
 
     with tempfile.TemporaryDirectory(prefix="townhall-bench-spaces-") as tmp:
@@ -692,7 +784,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             all_accepted = int(final_counts[("POST", REACTIONS_ROUTE, "202")])
 
         print(f"nginx (worker_processes {args.nginx_workers}) ...", flush=True)
-        with nginx_serving({state_path: state_body}, args.nginx_workers, workdir / "www") as nginx_base:
+        # A directory of its own: nginx's workers (user nobody) must be able to walk to the files.
+        www = Path(tempfile.mkdtemp(prefix="www-", dir=workdir))
+        workdir.chmod(0o711)
+        with nginx_serving({state_path: state_body}, args.nginx_workers, www) as nginx_base:
             client = Client(nginx_base)
             assert client.expect(200, "GET", state_path)[0] == state_body, "nginx must serve the same bytes"
             client.close()
@@ -700,6 +795,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_wrk("warm-up", nginx_base + state_path, get_lua, reads, args.warmup)
             state_nginx = run_wrk("nginx, same bytes", nginx_base + state_path, get_lua, reads)
         log_text = log.read_text(errors="replace")
+    # CPU that something else on the machine used meanwhile (other users, other benchmarks).
+    other_cpu = (busy_cpu_s() - busy_before) - (own_cpu_s() - own_before)
+    wall = time.monotonic() - wall_before
 
     return {
         "benchmark": "spaces",
@@ -717,6 +815,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
+            "other_cpu_s": round(other_cpu, 1),
+            "other_cpu_share": round(other_cpu / (wall * (os.cpu_count() or 1)), 3),
         },
         "settings": {
             "followers": args.followers,
@@ -786,18 +886,30 @@ def tables(result: dict[str, Any]) -> str:
         f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
         f"| {fmt_ratio(sd['ratio'])} | {errors_of(t)} / {errors_of(p)} |",
         "",
-        "| load | accepted/s | wrk p50 ms | wrk p99 ms | 429 | other failed | broadcasts/s "
-        "| most in 1 s | seconds sent twice | sum of counts / accepted |",
+        "| load | accepted/s (server) | wrk 202/s | 429 | other failed | in flight at wrk stop "
+        "| broadcasts/s | most in 1 s | seconds sent twice | sum of counts / accepted |",
         "|" + "---|" * 10,
     ]
     for r in result["reactions"]:
         w = r["wrk"]
         other = sum(n for s, n in r["server_statuses"].items() if s not in ("202", "429"))
+        other += w["socket_errors"] + w["timeouts"]
         rows.append(
-            f"| {r['load']} ({r['wrk']['settings']}) | {fmt_rate(r['accepted_per_s'])} | {w['p50_ms']:.1f} "
-            f"| {w['p99_ms']:.1f} | {r['rejected_429']} | {other + w['socket_errors'] + w['timeouts']} "
+            f"| {r['load']} ({w['settings']}) | {fmt_rate(r['accepted_per_s'])} | {fmt_rate(w['rps'])} "
+            f"| {r['rejected_429']} | {other} | {r['in_flight_at_wrk_stop']} "
             f"| {r['broadcasts_per_s']:.2f} | {r['max_broadcasts_in_one_second']} | {r['duplicate_seconds']} "
             f"| {r['sum_of_counts']:,} / {r['accepted']:,} |"
+        )
+    rows += [
+        "",
+        "| load | wrk p50 ms | wrk p99 ms | in the server: p50 | p99 | mean by Little's law ms |",
+        "|" + "---|" * 6,
+    ]
+    for r in result["reactions"]:
+        w, sl = r["wrk"], r["server_latency"]
+        rows.append(
+            f"| {r['load']} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | ≤ {sl['p50_le_s'] * 1e3:g} ms "
+            f"| ≤ {sl['p99_le_s'] * 1e3:g} ms | {r['littles_law_mean_ms']} |"
         )
     return "\n".join(rows)
 
@@ -808,7 +920,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), layout="constrained", width_ratios=[1.5, 0.8, 1.7])
+    fig, axes = plt.subplots(1, 3, figsize=(18.5, 5.4), layout="constrained", width_ratios=[1.5, 0.8, 1.7])
     f = result["settings"]["followers"]
 
     # Fan-out: median with a whisker up to p99, the two hosts side by side.
@@ -844,10 +956,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             xytext=(0, 3),
             textcoords="offset points",
         )
-    names = [r["case"].replace(" (a follower's)", "\n(a follower's)").replace(" + ", "\n+ ") for r in fan]
+    names = [SHORT_NAMES.get(r["case"], r["case"]) for r in fan]
     ax.set_xticks(list(xs), names, fontsize=8)
-    ax.set_ylim(0, top * 1.2)
-    ax.set_ylabel("latency, ms (bar: median, whisker: p99)")
+    ax.set_yscale("log")
+    ax.set_ylim(1, top * 2)
+    ax.set_ylabel("latency, ms, log scale (bar: median, whisker: p99)")
     ax.set_title(f"1. fan-out: {f:,} followers vs {SMALL_FOLLOWERS}\n(×: ratio of medians)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
@@ -879,35 +992,39 @@ def plot(result: dict[str, Any], path: Path) -> None:
     # Reactions: accepted per tallied second (bars) and broadcasts per wall-clock second (dots).
     ax = axes[2]
     runs = result["reactions"]
-    origin = min(e["second"] for r in runs for e in r["timeline"]) if any(r["timeline"] for r in runs) else 0
+    origin = int(min(r["started"] for r in runs))
     colors = ["#3b6ea8", "#6aa36f"]
     ax2 = ax.twinx()
     for r, color in zip(runs, colors, strict=False):
-        xs2 = [e["second"] - origin for e in r["timeline"]]
+        ax.axvspan(r["started"] - origin, r["ended"] - origin, color=color, alpha=0.08, lw=0)
         label = (
-            f"{r['load']}: {fmt_rate(r['accepted_per_s'])} accepted/s, "
-            f"p50 {r['wrk']['p50_ms']:.0f} ms, p99 {r['wrk']['p99_ms']:.0f} ms"
+            f"{r['load']}: {fmt_rate(r['accepted_per_s'])} accepted/s; wrk p50 {r['wrk']['p50_ms']:.0f} ms, "
+            f"p99 {r['wrk']['p99_ms']:.0f} ms; in server p50 ≤ {r['server_latency']['p50_le_s']:g} s"
         )
-        ax.bar(xs2, [e["count"] for e in r["timeline"]], width=0.8, color=color, alpha=0.8, label=label)
+        xs2 = [e["second"] - origin for e in r["timeline"]]
+        counts = [e["count"] for e in r["timeline"]]
+        ax.bar(xs2, counts, width=0.85, align="edge", color=color, alpha=0.85, label=label)
         per_second = Counter(int(e["arrived"]) - origin for e in r["timeline"])
-        ax2.plot(sorted(per_second), [per_second[s] for s in sorted(per_second)], "o", color="#c0392b", ms=4)
-    ax2.plot([], [], "o", color="#c0392b", ms=4, label="SSE messages received in that second")
+        secs = sorted(per_second)
+        ax2.plot([x + 0.5 for x in secs], [per_second[x] for x in secs], "o", color="#c0392b", ms=4)
+    ax.plot([], [], " ", label="shaded: while wrk ran; bars after it: requests in flight at its stop")
+    ax2.plot([], [], "o", color="#c0392b", ms=4, label="reactions messages the host received in that second")
     ax2.axhline(1, color="#c0392b", lw=0.6, ls="--")
     ax2.set_ylim(0, 4)
-    ax2.set_ylabel("reactions messages to the host per second", color="#c0392b")
-    ax.set_xlabel("second of the run (the message for second s arrives just after s ends)")
-    ax.set_ylabel("reactions counted in that second (from the messages)")
+    ax2.set_ylabel("SSE reactions messages per second", color="#c0392b")
+    ax.set_xlabel("seconds since the first reaction run started")
+    ax.set_ylabel("reactions counted in that second")
     peak = max((e["count"] for r in runs for e in r["timeline"]), default=1)
-    ax.set_ylim(0, peak * 1.45)
+    ax.set_ylim(0, peak * 1.6)
     sums = ", ".join(f"{r['sum_of_counts']:,}/{r['accepted']:,}" for r in runs)
     ax.set_title(
-        f"3. reactions from {result['settings']['reactors']:,} accounts, host on SSE\n"
-        f"sum of counts / accepted: {sums}",
+        f"3. reactions from {result['settings']['reactors']:,} accounts, the host on SSE\n"
+        f"sum of counts in the messages / reactions accepted (202): {sums}",
         fontsize=10,
     )
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=8, loc="upper right")
+    ax.legend(handles, labels, fontsize=7.5, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
 
     m = result["machine"]
@@ -950,6 +1067,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
     parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    parser.add_argument(
+        "--wait-quiet", type=int, default=0, help="first wait up to N s for the machine's CPU to be idle"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.reactors <= args.followers:
         parser.error("--reactors must be between 1 and --followers (reactors are the first followers)")
@@ -982,6 +1102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{args.followers:,} synthetic followers loaded in {setup['bulk_load_s']} s "
         f"({setup['database_mib']} MiB); server env: {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}\n"
+    )
+    print(
+        f"other load on the machine during the run: {machine['other_cpu_s']} CPU s "
+        f"({machine['other_cpu_share']:.0%} of the cores)\n"
     )
     print(tables(result))
     checks = result["reaction_checks"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -27,7 +28,7 @@ import aiosqlite
 from aiosqlite.context import contextmanager as aiosqlite_result
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -35,6 +36,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.util import await_only
+from sqlalchemy.util.queue import Empty, Full, QueueCommon
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ class Database:
         self.schema = schema
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
+        if not self.is_sqlite or _is_sqlite_file(url):
+            # What SQLAlchemy would pick (a queue pool), but first come, first served.
+            kwargs["poolclass"] = _FairQueuePool
         if self.is_sqlite:
             # No pool_pre_ping: the "server" is a file opened in this process, so a pooled
             # connection cannot go stale, and the ping cost a statement (four thread round trips)
@@ -118,7 +125,8 @@ class _SQLiteConnection(aiosqlite.Connection):
     close, then two rollbacks when the session closes). Three of those need no thread:
 
     - ``cursor()`` only builds a Python object (sqlite3 prepares nothing until ``execute``);
-    - closing a cursor after its rows were fetched only drops references;
+    - closing a cursor whose rows were all fetched only drops references (sqlite3 reset the
+      statement when it ran out of rows), which is how SQLAlchemy's adapter reads every result;
     - ``commit()`` and ``rollback()`` with no transaction open (``in_transaction`` false) are
       no-ops in sqlite3 itself, and a read never opens one in sqlite3's default mode.
 
@@ -146,6 +154,103 @@ class _SQLiteCursor(aiosqlite.Cursor):
 
     async def close(self) -> None:
         self._cursor.close()
+
+
+def _is_sqlite_file(url: str) -> bool:
+    """A file database (SQLAlchemy's own test): in-memory ones keep the dialect's pool."""
+    parsed = make_url(url)
+    return bool(parsed.database) and parsed.database != ":memory:" and parsed.query.get("mode") != "memory"
+
+
+class _FairQueue(QueueCommon[ConnectionPoolEntry]):
+    """The pool's queue of idle connections, handing each returned connection to the request
+    that has waited longest for one.
+
+    SQLAlchemy's asyncio queue lets a newcomer take a connection that was just returned ahead
+    of the requests already waiting (each ``get`` first tries ``get_nowait``), and a waiter
+    that loses the race goes back to the end of the line. Once requests are short, that starves
+    a few of them under load: with 64 clients on 15 connections, most pool waits were 0 ms but
+    the 99th percentile was 4 s (and the pool's timeout, 30 s on SQLite and 10 s on PostgreSQL,
+    would turn the worst into errors). Here ``put`` gives the connection straight to the oldest
+    live waiter, so waits stay in arrival order.
+
+    Only the calls ``QueuePool`` makes are supported: ``put`` never blocks (a full queue raises
+    ``Full`` and the pool closes the surplus connection), and a blocking ``get`` waits on the
+    running event loop, from inside SQLAlchemy's greenlet like its own asyncio queue.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._idle: deque[ConnectionPoolEntry] = deque()
+        self._waiters: deque[asyncio.Future[ConnectionPoolEntry]] = deque()
+
+    def empty(self) -> bool:
+        return not self._idle
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._idle)
+
+    def qsize(self) -> int:
+        return len(self._idle)
+
+    def put_nowait(self, item: ConnectionPoolEntry) -> None:
+        if self._hand_over(item):
+            return
+        if self.full():
+            raise Full()
+        self._idle.append(item)
+
+    def put(self, item: ConnectionPoolEntry, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> ConnectionPoolEntry:
+        if not self._idle:
+            raise Empty()
+        return self._idle.pop() if self.use_lifo else self._idle.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> ConnectionPoolEntry:
+        # Idle connections and live waiters never coexist (``put`` serves waiters first), so
+        # taking an idle one here jumps no queue.
+        if self._idle or not block:
+            return self.get_nowait()
+        return await_only(self._wait(timeout_s=timeout))
+
+    def _hand_over(self, item: ConnectionPoolEntry) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # skip waiters that timed out or were cancelled
+                waiter.set_result(item)
+                return True
+        return False
+
+    async def _wait(self, *, timeout_s: float | None) -> ConnectionPoolEntry:
+        waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection, then cancelled before taking it: pass it on rather than
+                # lose it (over ``maxsize`` if need be: the pool still counts it as open).
+                item = waiter.result()
+                if not self._hand_over(item):
+                    self._idle.append(item)
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise Empty() from exc  # QueuePool turns this into its TimeoutError
+            raise
+
+
+class _FairQueuePool(AsyncAdaptedQueuePool):
+    """``AsyncAdaptedQueuePool`` with ``_FairQueue``: same sizes, overflow and timeout."""
+
+    _queue_class = _FairQueue
+    # Log under the pool's usual name, inside the "sqlalchemy" logger (WARNING unless configured),
+    # not under this module, where the CLI's INFO level would print the pool's chatter.
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.AsyncAdaptedQueuePool"
 
 
 def _upgrade(connection: Connection, url: str) -> None:

@@ -34,9 +34,8 @@ async def register(body: Credentials, request: Request, node: NodeDep, db: DbDep
 
 
 @router.get("/accounts/{handle}", response_model=AccountOut)
-async def show_account(handle: str, node: NodeDep) -> AccountOut:
-    async with node.database.session() as db:
-        account, counts = await accounts.get_account_with_counts(db, handle)
+async def show_account(handle: str, db: DbDep) -> AccountOut:
+    account, counts = await accounts.get_account_with_counts(db, handle)
     return account_out(account, counts)
 
 
