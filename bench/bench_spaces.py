@@ -313,6 +313,13 @@ def bulk_load(db_path: Path, followers: int, reactors: int) -> tuple[list[str], 
             "SELECT id, ?, ? FROM accounts WHERE id >= ?",
             (ids[SMALL], now, first + followers),
         )
+        # The app keeps follower counters with each follow; rows inserted here must move them too.
+        db.execute(
+            "UPDATE accounts SET followers_count = "
+            "(SELECT count(*) FROM follows WHERE followee_id = accounts.id) WHERE id IN (?, ?)",
+            (ids[BIG], ids[SMALL]),
+        )
+        db.execute("UPDATE accounts SET following_count = 1 WHERE id >= ?", (first,))
         session_owners = [first + i for i in range(reactors)] + [first + followers]
         tokens = [new_token() for _ in session_owners]
         db.executemany(

@@ -74,7 +74,11 @@ def test_feed_pulls_followed_accounts_and_own_posts(server: RunningServer) -> No
     feed = reader.get("/api/v1/feed").json()
     assert [p["text"] for p in feed["posts"]] == ["from reader", "from followed"]
     assert server.client().get("/api/v1/accounts/followed").json()["followers"] == 1
+    assert server.client().get("/api/v1/accounts/reader").json()["following"] == 1
     assert reader.delete("/api/v1/accounts/followed/follow").status_code == 204
+    assert reader.delete("/api/v1/accounts/followed/follow").status_code == 204  # idempotent
+    assert server.client().get("/api/v1/accounts/followed").json()["followers"] == 0
+    assert reader.get("/api/v1/me").json()["following"] == 0
     assert [p["text"] for p in reader.get("/api/v1/feed").json()["posts"]] == ["from reader"]
 
 

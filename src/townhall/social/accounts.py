@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy import ColumnElement, ScalarSelect, bindparam, func, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
 
 from townhall.errors import Conflict, NotFound, Unauthorized
 from townhall.security.passwords import PasswordHasher
 from townhall.security.tokens import new_token, token_digest
 from townhall.social.text import check_password, handle_key, normalize_handle
-from townhall.storage.models import Account, Follow, Session
+from townhall.storage.models import Account, Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +66,9 @@ async def create_account(
 # an ORM select per call (attribute comparisons, coercions, a fresh cache key) cost more than
 # running it. Each still goes through SQLAlchemy's compiled cache like any other statement.
 _ACCOUNT_BY_KEY = select(Account).where(Account.handle_key == bindparam("key"))
-
-
-def _count_follows(
-    column: InstrumentedAttribute[int], equals: ColumnElement[int] | InstrumentedAttribute[int]
-) -> ScalarSelect[int]:
-    return select(func.count()).select_from(Follow).where(column == equals).scalar_subquery()
-
-
-_FOLLOW_COUNTS = select(
-    _count_follows(Follow.followee_id, bindparam("account_id")),
-    _count_follows(Follow.follower_id, bindparam("account_id")),
+_FOLLOW_COUNTS = select(Account.followers_count, Account.following_count).where(
+    Account.id == bindparam("account_id")
 )
-# The subqueries correlate to the outer ``accounts`` row.
-_ACCOUNT_WITH_COUNTS_BY_KEY = select(
-    Account,
-    _count_follows(Follow.followee_id, Account.id),
-    _count_follows(Follow.follower_id, Account.id),
-).where(Account.handle_key == bindparam("key"))
 
 
 def _lookup_key(handle: str) -> str:
@@ -103,19 +87,15 @@ async def get_account(db: AsyncSession, handle: str) -> Account:
 
 
 async def get_account_with_counts(db: AsyncSession, handle: str) -> tuple[Account, tuple[int, int]]:
-    """``get_account`` and ``follow_counts`` in one statement: the account with this handle in
-    any letter case and its (followers, following), or 404."""
-    row = (await db.execute(_ACCOUNT_WITH_COUNTS_BY_KEY, {"key": _lookup_key(handle)})).first()
-    if row is None:
-        raise NotFound("no such account", code="account_not_found")
-    account, followers, following = row
-    return account, (int(followers or 0), int(following or 0))
+    """``get_account`` with its (followers, following): stored counters, one row read."""
+    account = await get_account(db, handle)
+    return account, (account.followers_count, account.following_count)
 
 
 async def follow_counts(db: AsyncSession, account_id: int) -> tuple[int, int]:
-    """(followers, following) of an account, in one statement."""
-    followers, following = (await db.execute(_FOLLOW_COUNTS, {"account_id": account_id})).one()
-    return int(followers or 0), int(following or 0)
+    """(followers, following) of an account, from its stored counters."""
+    row = (await db.execute(_FOLLOW_COUNTS, {"account_id": account_id})).one()
+    return int(row[0]), int(row[1])
 
 
 async def open_session(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy import Select, delete, or_, select
+from sqlalchemy import Select, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -113,6 +113,7 @@ async def delete_post(db: AsyncSession, post_id: int, actor: Principal) -> None:
 
 
 async def follow(db: AsyncSession, follower: Principal, followee: Account, *, now: float) -> None:
+    """Follow an account: one row, and each side's counter moved in the same transaction."""
     require_active(follower, "follow accounts")
     if followee.id == follower.account.id:
         raise BadRequest("an account cannot follow itself", code="self_follow")
@@ -125,13 +126,31 @@ async def follow(db: AsyncSession, follower: Principal, followee: Account, *, no
         return
     db.add(Follow(follower_id=follower.account.id, followee_id=followee.id, created_at=now))
     try:
-        await db.commit()
+        await db.flush()
     except IntegrityError:  # a concurrent identical follow won; the outcome is the same
         await db.rollback()
+        return
+    await _move_counts(db, follower.account.id, followee.id, +1)
+    await db.commit()
+
+
+async def _move_counts(db: AsyncSession, follower_id: int, followee_id: int, delta: int) -> None:
+    await db.execute(
+        update(Account)
+        .where(Account.id == followee_id)
+        .values(followers_count=Account.followers_count + delta)
+    )
+    await db.execute(
+        update(Account)
+        .where(Account.id == follower_id)
+        .values(following_count=Account.following_count + delta)
+    )
 
 
 async def unfollow(db: AsyncSession, follower: Principal, followee: Account) -> None:
-    await db.execute(
+    result = await db.execute(
         delete(Follow).where(Follow.follower_id == follower.account.id, Follow.followee_id == followee.id)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        await _move_counts(db, follower.account.id, followee.id, -1)
     await db.commit()

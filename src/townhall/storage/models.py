@@ -29,6 +29,10 @@ class Account(Base):
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
     suspended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     suspended_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Kept with each follow and unfollow (same transaction), so a profile read never counts
+    # a hundred million rows.
+    followers_count: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    following_count: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
 
 
 class Session(Base):
