@@ -21,7 +21,7 @@ from townhall.audience.origin import SpaceStream
 from townhall.audience.playlist import BlockingRequestError, check_blocking_request
 from townhall.control.deps import NodeDep
 from townhall.control.node import Node
-from townhall.errors import ApiError, BadRequest, Forbidden, NotFound
+from townhall.errors import BadRequest, Forbidden, NotFound, NotYetAvailable, RangeNotSatisfiable
 
 router = APIRouter(tags=["listeners"])
 
@@ -30,16 +30,6 @@ MEDIA = re.compile(r"seg(\d{1,9})(?:\.(\d{1,3}))?\.m4s")
 IMMUTABLE = "public, max-age=31536000, immutable"
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 MP4_TYPE = "audio/mp4"
-
-
-class RangeNotSatisfiable(ApiError):
-    status = 416
-    code = "range_not_satisfiable"
-
-
-class Unavailable(ApiError):
-    status = 503
-    code = "not_yet_available"
 
 
 def _check_ticket(node: Node, request: Request, space_id: str) -> None:
@@ -108,10 +98,10 @@ async def live_playlist(
             raise BadRequest(str(exc), code="bad_blocking_request") from exc
         # The spec's bound: answer within three target durations.
         if not await stream.wait_for(hls_msn, hls_part, 3 * stream.spec.target_duration):
-            raise Unavailable("the requested part did not appear in time")
+            raise NotYetAvailable("the requested part did not appear in time")
     text = stream.playlist()
     if text is None:
-        raise Unavailable("the stream has not produced its first part yet")
+        raise NotYetAvailable("the stream has not produced its first part yet")
     cache = (
         f"public, max-age={6 * stream.spec.target_duration}"
         if blocking
@@ -126,7 +116,7 @@ async def init_segment(space_id: SpaceId, request: Request, node: NodeDep) -> Re
     _check_ticket(node, request, space_id)
     stream = _stream(node, space_id)
     if stream.init is None:
-        raise Unavailable("the stream has not started")
+        raise NotYetAvailable("the stream has not started")
     return _media(request, stream.init, f'"{space_id}-init"', MP4_TYPE)
 
 

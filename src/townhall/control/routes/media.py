@@ -22,7 +22,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from townhall.control.deps import DbDep, NodeDep
 from townhall.control.node import Node
-from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
+from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, UnsupportedMediaType
 from townhall.spaces import service
 from townhall.spaces.grants import Grant, GrantError
 from townhall.stage.hub import speaker_key
@@ -48,11 +48,6 @@ _SDP_BODY = {
         "content": {"application/sdp": {"schema": {"type": "string", "maxLength": MAX_SDP}}},
     }
 }
-
-
-class UnsupportedMediaType(ApiError):
-    status = 415
-    code = "unsupported_media_type"
 
 
 def _bearer(request: Request) -> str:
