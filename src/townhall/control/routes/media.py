@@ -26,7 +26,7 @@ from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthori
 from townhall.spaces import service
 from townhall.spaces.grants import Grant, GrantError
 from townhall.stage.hub import speaker_key
-from townhall.stage.room import Peer
+from townhall.stage.room import Peer, Room
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ def _watch(node: Node, space_id: str, peer: Peer) -> None:
                 await room.drop(peer.id)
 
 
+async def _negotiate(node: Node, room: Room, space_id: str, peer: Peer, sdp: str) -> Response:
+    """The rest of a WHIP or WHEP handshake once the peer is set up: watch it, answer the
+    offer (the peer leaves the room if the offer is refused) and reply 201."""
+    _watch(node, space_id, peer)
+    try:
+        answer = await _answer(node, peer, sdp)
+    except ApiError:
+        await room.drop(peer.id)
+        raise
+    logger.info(
+        "stage session",
+        extra={"space": space_id, "peer": peer.id, "kind": peer.kind, "speaker": peer.speaker},
+    )
+    return _created(peer.kind, space_id, peer, answer)
+
+
 @router.options("/whip/{space_id}", include_in_schema=False)
 @router.options("/whep/{space_id}", include_in_schema=False)
 @router.options("/whip/{space_id}/{session_id}", include_in_schema=False)
@@ -153,14 +169,7 @@ async def whip(space_id: SpaceId, request: Request, node: NodeDep, db: DbDep) ->
             room.add_speaker(peer, track, muted=muted)
 
     room.register(peer)
-    _watch(node, space_id, peer)
-    try:
-        answer = await _answer(node, peer, sdp)
-    except ApiError:
-        await room.drop(peer.id)
-        raise
-    logger.info("whip session", extra={"space": space_id, "peer": peer.id, "speaker": peer.speaker})
-    return _created("whip", space_id, peer, answer)
+    return await _negotiate(node, room, space_id, peer, sdp)
 
 
 @router.post("/whep/{space_id}", status_code=201, openapi_extra=_SDP_BODY, response_class=Response)
@@ -183,13 +192,7 @@ async def whep(
     peer = Peer(node.stage.new_peer_connection(), "whep", who, grant.grant_id)
     track = room.add_listener(peer)
     peer.pc.addTransceiver(track, direction="sendonly")
-    _watch(node, space_id, peer)
-    try:
-        answer = await _answer(node, peer, sdp)
-    except ApiError:
-        await room.drop(peer.id)
-        raise
-    return _created("whep", space_id, peer, answer)
+    return await _negotiate(node, room, space_id, peer, sdp)
 
 
 @router.delete("/whip/{space_id}/{session_id}", status_code=200, response_class=Response)
