@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test lint typecheck unit bench lock clean
+.PHONY: install sysdeps web demo serve test lint typecheck unit bench lock clean
 
 # One virtual environment with the package, its test tools and pinned versions (constraints.txt).
 $(STAMP): pyproject.toml constraints.txt
@@ -13,13 +13,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) web
+
+## Front-end packages for the web pages (hls.js), from package-lock.json, when the app has any.
+web:
+	@if [ -f package-lock.json ]; then \
+		[ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --no-audit --no-fund --loglevel=error; \
+	fi
+
+## Debian packages the tests use as real peers (chromium, nginx, ffmpeg): installed if missing.
+sysdeps:
+	scripts/sysdeps
 
 ## The main job: the embedded default on 127.0.0.1:8080 with a live demo; prints the URL.
-demo: $(STAMP)
+demo: $(STAMP) web
 	$(BIN)/townhall demo
 
-serve: $(STAMP)
+serve: $(STAMP) web
 	$(BIN)/townhall serve
 
 lint: $(STAMP)
@@ -29,14 +39,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) web sysdeps
 	$(BIN)/pytest
 
 ## Everything CI runs: lint, strict types, the whole suite (needs PostgreSQL on 127.0.0.1:5432).
-test: lint typecheck unit
+test: sysdeps lint typecheck unit
 
 ## Benchmarks (not part of the tests): see BENCHMARKS.md.
-bench: $(STAMP)
+bench: $(STAMP) web sysdeps
 	$(BIN)/python bench/bench_control.py
 	$(BIN)/python bench/bench_spaces.py
 	$(BIN)/python bench/bench_stage.py
