@@ -93,3 +93,29 @@ def test_blocking_reload_readiness() -> None:
     for msn, part in [(6, 0), (-1, None), (3, 4), (3, -1)]:
         with pytest.raises(BlockingRequestError):
             check_blocking_request(segs, msn, part, 4)
+
+
+def test_vod_playlist_with_an_init_segment_per_epoch_golden() -> None:
+    """The replay of a space whose packager restarted: each epoch behind a discontinuity and
+    its own EXT-X-MAP; segments named by the replay, not by their media sequence number."""
+    segs = []
+    for msn in range(5):
+        epoch = 0 if msn < 3 else 1
+        parts = tuple(Part(i, 0.5) for i in range(4 if msn != 2 else 3))
+        segs.append(
+            Segment(
+                msn,
+                parts,
+                T0 + 2 * msn + (10 if epoch else 0),
+                True,
+                discontinuity=msn == 3,
+                uri=f"replay/r{msn * 4}-{len(parts)}.m4s",
+                init_uri=f"replay/e{epoch}.mp4",
+            )
+        )
+    text = render_vod(SPEC, segs)
+    golden("replay_epochs.m3u8", text)
+    pl = m3u8.loads(text)
+    assert pl.is_endlist and pl.playlist_type == "vod"
+    assert [s.init_section.uri for s in pl.segments] == ["replay/e0.mp4"] * 3 + ["replay/e1.mp4"] * 2
+    assert [s.discontinuity for s in pl.segments] == [False, False, False, True, False]

@@ -43,6 +43,10 @@ class Segment:
     start: float
     complete: bool
     discontinuity: bool = False
+    # VOD only: the segment's URI when not ``seg{msn}.m4s``, and its init segment when it is
+    # not the playlist's (a new EXT-X-MAP is written where it changes).
+    uri: str | None = None
+    init_uri: str | None = None
 
     @property
     def duration(self) -> float:
@@ -130,26 +134,33 @@ def render_live(spec: PlaylistSpec, segments: Sequence[Segment], *, init_uri: st
 
 
 def render_vod(spec: PlaylistSpec, segments: Sequence[Segment], *, init_uri: str = "init.mp4") -> str:
-    """The replay: every complete segment, ended (§4.4.3.5, §4.4.3.4)."""
+    """The replay: every complete segment, ended (§4.4.3.5, §4.4.3.4). A segment naming its own
+    ``init_uri`` gets an ``EXT-X-MAP`` where the init segment changes (§4.4.4.5), which is after
+    an ``EXT-X-DISCONTINUITY`` (§4.4.4.3: a new encoder run)."""
     done = [s for s in segments if s.complete]
     if not done:
         raise ValueError("a replay needs at least one complete segment")
     target = max(spec.target_duration, max(round(s.duration) for s in done))
+    current_map = done[0].init_uri or init_uri
     lines = [
         "#EXTM3U",
         f"#EXT-X-VERSION:{VERSION}",
         f"#EXT-X-TARGETDURATION:{target}",
         "#EXT-X-PLAYLIST-TYPE:VOD",
         f"#EXT-X-MEDIA-SEQUENCE:{done[0].msn}",
-        f'#EXT-X-MAP:URI="{init_uri}"',
+        f'#EXT-X-MAP:URI="{current_map}"',
     ]
     for i, seg in enumerate(done):
         if seg.discontinuity and i > 0:
             lines.append("#EXT-X-DISCONTINUITY")
+        wanted_map = seg.init_uri or init_uri
+        if wanted_map != current_map:
+            lines.append(f'#EXT-X-MAP:URI="{wanted_map}"')
+            current_map = wanted_map
         if i == 0 or seg.discontinuity:
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_pdt(seg.start)}")
         lines.append(f"#EXTINF:{_fmt(seg.duration)},")
-        lines.append(segment_uri(seg.msn))
+        lines.append(seg.uri or segment_uri(seg.msn))
     lines.append("#EXT-X-ENDLIST")
     return "\n".join(lines) + "\n"
 
