@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +26,7 @@ from townhall.control.routes import accounts, admin, hls, media, posts, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
 from townhall.stage.hub import StageCollector
+from townhall.web import pages
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,13 @@ def create_app(node: Node) -> FastAPI:
         """Prometheus text exposition."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(_INDEX)
-
     app.include_router(accounts.router)
     app.include_router(posts.router)
     app.include_router(admin.router)
     app.include_router(spaces.router)
     app.include_router(media.router)
     app.include_router(hls.router)
+    pages.install(app)
     return app
 
 
@@ -224,13 +222,3 @@ class MetricsMiddleware:
             self.requests.labels(scope["method"], template, str(status)).inc()
             self.latency.labels(template).observe(time.perf_counter() - start)
 
-
-_INDEX = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>townhall</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body><main><h1>townhall</h1>
-<p>Live audio rooms. This node is running.</p>
-<ul><li><a href="/openapi.json">API description (OpenAPI)</a></li>
-<li><a href="/healthz">health</a></li><li><a href="/metrics">metrics</a></li></ul>
-</main></body></html>
-"""

@@ -1,0 +1,149 @@
+"""The web pages: small HTML shells, one per page, filled in by a JavaScript module each.
+
+The node serves everything a browser needs: the pages, ``/static/`` (our modules and CSS, part
+of the Python package) and ``/vendor/hls.mjs`` (hls.js, installed from the npm registry by
+``npm ci`` into the repository's ``node_modules``; see ``package-lock.json``). Nothing is loaded
+from a third-party host. A wheel install carries no ``node_modules``: the pages that play audio
+then answer with a page saying how to install it, rather than failing in the browser.
+
+The pages hold no state of their own. They call the public JSON API with the bearer token kept
+in the browser's ``localStorage``, exactly as any other client would.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from string import Template
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from townhall.spaces.reactions import EMOJI
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+TEMPLATES = HERE / "templates"
+# The light build: everything an audio-only LL-HLS player needs (no subtitles, DRM, CMCD).
+HLS_BUILD = "hls.js/dist/hls.light.min.mjs"
+
+# The pages' own policy: scripts, styles, media and connections from this origin only. Media
+# also plays from blob: URLs (hls.js feeds a MediaSource) and WebRTC needs no directive here.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob:; connect-src 'self'; worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+
+router = APIRouter(include_in_schema=False)
+
+SpaceId = Annotated[str, PathParam(min_length=1, max_length=16, pattern="^[A-Za-z0-9]+$")]
+Handle = Annotated[str, PathParam(min_length=1, max_length=15, pattern="^[A-Za-z0-9_]+$")]
+
+
+def node_modules_roots() -> list[Path]:
+    """Where ``node_modules`` may be: only ``TOWNHALL_NODE_MODULES`` when it is set (an
+    installed wheel points it at an ``npm ci`` done elsewhere), else the repository root (a
+    checkout or an editable install: ``src/townhall/web`` is three levels below it), then the
+    working directory."""
+    if env := os.environ.get("TOWNHALL_NODE_MODULES"):
+        return [Path(env)]
+    return [HERE.parents[2] / "node_modules", Path.cwd() / "node_modules"]
+
+
+def hls_js() -> Path | None:
+    """The hls.js module file, or None when the npm packages are not installed."""
+    for root in node_modules_roots():
+        candidate = root / HLS_BUILD
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_SHELL = Template((TEMPLATES / "shell.html").read_text(encoding="utf-8"))
+
+
+def render(page: str, title: str, **data: str) -> HTMLResponse:
+    """The page ``page``: the shared shell around ``templates/{page}.html``, with ``data`` as
+    ``data-*`` attributes of ``<main>`` for the page's module to read."""
+    body = (TEMPLATES / f"{page}.html").read_text(encoding="utf-8")
+    attrs = "".join(f' data-{k.replace("_", "-")}="{html.escape(v)}"' for k, v in data.items())
+    text = _SHELL.substitute(title=html.escape(title), page=page, attrs=attrs, body=body)
+    return HTMLResponse(text, headers=HEADERS)
+
+
+def missing_player() -> HTMLResponse:
+    """What the audio pages answer when hls.js is not installed (a wheel install, or a checkout
+    where ``npm ci`` has not run): a clear page, not a broken player."""
+    roots = ", ".join(str(r) for r in node_modules_roots())
+    response = render("missing", "Player not installed", roots=roots)
+    response.status_code = 503
+    return response
+
+
+@router.get("/", response_class=HTMLResponse)
+async def home() -> HTMLResponse:
+    return render("home", "townhall")
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login() -> HTMLResponse:
+    return render("login", "Log in")
+
+
+@router.get("/signup", response_class=HTMLResponse)
+async def signup() -> HTMLResponse:
+    return render("signup", "Sign up")
+
+
+@router.get("/spaces/{space_id}", response_class=HTMLResponse)
+async def space(space_id: SpaceId) -> HTMLResponse:
+    if hls_js() is None:
+        return missing_player()
+    return render("space", "Space", space_id=space_id, emoji=" ".join(EMOJI))
+
+
+@router.get("/spaces/{space_id}/replay", response_class=HTMLResponse)
+async def replay(space_id: SpaceId) -> HTMLResponse:
+    if hls_js() is None:
+        return missing_player()
+    return render("replay", "Replay", space_id=space_id)
+
+
+@router.get("/@{handle}", response_class=HTMLResponse)
+async def account(handle: Handle) -> HTMLResponse:
+    return render("account", f"@{handle}", handle=handle)
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def admin() -> HTMLResponse:
+    return render("admin", "Moderation")
+
+
+@router.get("/vendor/hls.mjs")
+async def vendor_hls() -> Response:
+    """hls.js from ``node_modules`` (installed by ``npm ci`` from ``package-lock.json``)."""
+    path = hls_js()
+    if path is None:
+        return Response(
+            "// hls.js is not installed: run `npm ci` (or `make web`) at the repository root\n",
+            status_code=404,
+            media_type="text/javascript",
+        )
+    return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+
+def install(app: FastAPI) -> None:
+    """Mount the pages and their static files on ``app``."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")

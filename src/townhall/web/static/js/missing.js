@@ -1,0 +1,4 @@
+import { $, nav, params } from "./ui.js";
+
+nav();
+$("#roots").textContent = params().roots ?? "";
