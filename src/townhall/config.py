@@ -53,6 +53,12 @@ class Config:
     hls_part_seconds: float = 0.5
     hls_segment_parts: int = 4
     aac_bitrate: int = 64000
+    # Recordings: days a replay is kept after its space ends (0: forever); how often the
+    # retention sweep runs; how long a replay request right after the end waits for the
+    # packager's "finished" marker before serving what is already on disk.
+    recording_retention_days: int = 0
+    recording_sweep_seconds: int = 3600
+    replay_finish_wait_seconds: float = 0.5
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

@@ -43,6 +43,7 @@ from townhall.social.text import POST_MAX_CHARS, clean_text
 from townhall.spaces.grants import new_grant_id
 from townhall.storage.models import (
     Account,
+    AuditEntry,
     Post,
     Space,
     SpaceBlock,
@@ -204,9 +205,7 @@ async def start_space(db: AsyncSession, host: Principal, space_id: str, *, now: 
     require_state(space, ("scheduled",))
     space.state = "live"
     space.started_at = now
-    text = f"{host.account.handle} is live: {space.title}"
-    if len(text) > POST_MAX_CHARS:
-        text = text[: POST_MAX_CHARS - 1] + "…"
+    text = _post_text(f"{host.account.handle} is live: {space.title}")
     db.add(
         Post(account_id=host.account.id, kind="announcement", text=text, space_id=space.id, created_at=now)
     )
@@ -220,6 +219,16 @@ async def end_space(db: AsyncSession, actor: Principal, space_id: str, *, now: f
     if space.host_id != actor.account.id and not actor.is_admin:
         raise Forbidden("only the host can end a space", code="host_only")
     require_state(space, ("scheduled", "live"))
+    out = await close_space(db, space, now=now)
+    await db.commit()
+    return out
+
+
+async def close_space(db: AsyncSession, space: Space, *, now: float) -> Outcome:
+    """The end itself, inside the caller's transaction (the caller holds ``_lock`` and commits):
+    the state, every grant revoked, and, for a recorded space that went live, the host's replay
+    post, so that it is on the host's timeline and in followers' feeds the moment the space has
+    ended. A system finaliser (a space whose host never came back) ends a space through here."""
     out = Outcome()
     space.state = "ended"
     space.ended_at = now
@@ -229,9 +238,51 @@ async def end_space(db: AsyncSession, actor: Principal, space_id: str, *, now: f
         m.on_stage = False
         m.hand_raised = False
     await db.execute(delete(SpeakRequest).where(SpeakRequest.space_id == space.id))
-    await db.commit()
+    if space.recorded and space.started_at is not None:
+        db.add(
+            Post(
+                account_id=space.host_id,
+                kind="replay",
+                text=_post_text(f"Replay: {space.title}"),
+                space_id=space.id,
+                created_at=now,
+            )
+        )
     out.events += [SpaceEnded(space.id), StageChanged(space.id)]
     return out
+
+
+async def delete_space(db: AsyncSession, actor: Principal, space_id: str, *, now: float) -> Space:
+    """Delete a space that is not live (the host, or an admin): the row with its members,
+    blocks and reminders, and its announcement and replay posts, in one transaction. The
+    caller removes the media after the commit (a crash in between leaves media whose space is
+    gone, which the retention sweep removes). An admin deleting someone else's space is a
+    moderation action: audited."""
+    space = await _lock(db, space_id, states=("scheduled", "live", "ended"))
+    if space.host_id != actor.account.id and not actor.is_admin:
+        raise Forbidden("only the host or an admin can delete a space", code="host_only")
+    if space.state == "live":
+        raise Conflict("this space is live: end it first", code="space_live")
+    await db.execute(delete(Post).where(Post.space_id == space.id, Post.kind.in_(("announcement", "replay"))))
+    if space.host_id != actor.account.id:
+        db.add(
+            AuditEntry(
+                at=now,
+                actor_id=actor.account.id,
+                action="delete_space",
+                target_account_id=space.host_id,
+                detail=f"space {space.id}: {space.title}"[:500],
+            )
+        )
+    await db.delete(space)
+    await db.commit()
+    return space
+
+
+def _post_text(text: str) -> str:
+    if len(text) > POST_MAX_CHARS:
+        return text[: POST_MAX_CHARS - 1] + "…"
+    return text
 
 
 # -- co-hosts and speakers --------------------------------------------------------------------

@@ -107,6 +107,8 @@ class MediaStore(Protocol):
 
     def delete_space(self, space_id: str) -> bool: ...
 
+    def remove_leftovers(self) -> int: ...
+
 
 def part_name(record: PartRecord | PartInfo, size: int) -> str:
     duration_ns = round(record.duration * 1e9)
@@ -287,6 +289,19 @@ class LocalMediaStore:
         shutil.rmtree(doomed, ignore_errors=True)
         logger.info("media deleted", extra={"space": space_id})
         return True
+
+    def remove_leftovers(self) -> int:
+        """Remove what an interrupted :meth:`delete_space` left aside (a crash mid-``rmtree``)."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name.startswith(f"{_TMP_PREFIX}deleted-") and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+        return removed
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -74,8 +74,12 @@ class Post(Base):
     space_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
 
-    # Author timelines and the pull-based home feed both walk (account_id, id desc).
-    __table_args__ = (Index("ix_posts_account_id_id", "account_id", "id"),)
+    # Author timelines and the pull-based home feed both walk (account_id, id desc); a space's
+    # own posts (announcement, replay) are found by space when it is deleted.
+    __table_args__ = (
+        Index("ix_posts_account_id_id", "account_id", "id"),
+        Index("ix_posts_space_id", "space_id"),
+    )
 
 
 class AuditEntry(Base):
@@ -116,6 +120,8 @@ class Space(Base):
     scheduled_for: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When the recording's media was deleted (retention, a space not recorded): no replay since.
+    media_deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
 
     __table_args__ = (
