@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from townhall.control.node import Node
-from townhall.control.routes import accounts, admin, hls, media, posts, spaces
+from townhall.control.routes import accounts, admin, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
 from townhall.stage.hub import StageCollector
@@ -45,9 +47,13 @@ def create_app(node: Node) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await node.start()
         logger.info("townhall node ready", extra={"database": node.database.url.split("://")[0]})
+        sweeper = asyncio.create_task(replay.sweeper(node))  # recording retention
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await node.stop()
 
     app = FastAPI(
@@ -90,6 +96,7 @@ def create_app(node: Node) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(spaces.router)
     app.include_router(media.router)
+    app.include_router(replay.router)  # before hls: its /hls/{id}/{name} would take replay.m3u8
     app.include_router(hls.router)
     pages.install(app)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -10,9 +11,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from townhall.audience.replay import Replays
 from townhall.control.node import Node
 from townhall.errors import Forbidden, TooManyRequests, Unauthorized
 from townhall.social.accounts import Principal, resolve_token
+from townhall.storage.media_store import LocalMediaStore, MediaStore
 
 _bearer = HTTPBearer(auto_error=False, description="A token from POST /api/v1/sessions")
 
@@ -33,6 +36,42 @@ async def get_db(node: NodeDep) -> AsyncIterator[AsyncSession]:
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def media_store(node: Node) -> MediaStore:
+    """The node's media store: ``node.media_store`` once the node carries one, else local
+    files under ``DATA/media`` (made once per node)."""
+    store: MediaStore | None = getattr(node, "media_store", None)
+    if store is None:
+        store = _local_stores.get(node.config.data)
+        if store is None:
+            store = _local_stores[node.config.data] = LocalMediaStore(node.config.data / "media")
+    return store
+
+
+def replays(node: Node) -> Replays:
+    """The node's replays (a small cache of finished ones over its media store)."""
+    found = _replays.get(id(node))
+    if found is None:
+        found = _replays[id(node)] = Replays(media_store(node), node.config.hls_part_seconds)
+        weakref.finalize(node, _replays.pop, id(node), None)
+    return found
+
+
+_local_stores: dict[object, MediaStore] = {}
+_replays: dict[int, Replays] = {}
+
+
+async def get_media_store(node: NodeDep) -> MediaStore:
+    return media_store(node)
+
+
+async def get_replays(node: NodeDep) -> Replays:
+    return replays(node)
+
+
+MediaStoreDep = Annotated[MediaStore, Depends(get_media_store)]
+ReplaysDep = Annotated[Replays, Depends(get_replays)]
 
 
 def client_address(request: Request) -> str:

@@ -11,7 +11,17 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from townhall.admission.tickets import listener_id
-from townhall.control.deps import Caller, DbDep, MaybeCaller, NodeDep, enforce, iso, public_base
+from townhall.control.deps import (
+    Caller,
+    DbDep,
+    MaybeCaller,
+    MediaStoreDep,
+    NodeDep,
+    ReplaysDep,
+    enforce,
+    iso,
+    public_base,
+)
 from townhall.control.node import Node
 from townhall.control.schemas import (
     HandleBody,
@@ -31,7 +41,7 @@ from townhall.events import ReactionsTick, SpaceEnded, StageChanged
 from townhall.social import accounts
 from townhall.social.accounts import Principal
 from townhall.social.posts import require_active
-from townhall.spaces import service
+from townhall.spaces import recordings, service
 from townhall.spaces.reactions import EMOJI
 from townhall.storage.models import Account, Space, SpaceMember
 
@@ -123,13 +133,33 @@ async def start(request: Request, space_id: SpaceId, caller: Caller, node: NodeD
 
 
 @router.post("/spaces/{space_id}/end", response_model=SpaceOut)
-async def end(request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
-    """End the space (final). Every speaking grant is revoked."""
+async def end(
+    request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep, store: MediaStoreDep
+) -> SpaceOut:
+    """End the space (final). Every speaking grant is revoked. A recorded space's replay is
+    published at once (`GET /hls/{id}/replay.m3u8`, `GET .../recording.m4a`, and a "Replay:"
+    post by the host); a space that was not recorded has its media deleted."""
     await node.publish(await service.end_space(db, caller, space_id, now=node.clock()))
     space = await service.get_space(db, space_id)
     host = await db.get(Account, space.host_id)
     assert host is not None
-    return space_out(public_base(request, node), space, host.handle)
+    out = space_out(public_base(request, node), space, host.handle)
+    if not space.recorded:
+        await recordings.discard_media(db, store, space, now=node.clock())
+    return out
+
+
+@router.delete("/spaces/{space_id}", status_code=204)
+async def delete_space(
+    space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep, store: MediaStoreDep, replays: ReplaysDep
+) -> Response:
+    """Delete a space that is not live (its host, or an admin): the space, its recording and
+    its announcement and replay posts go together."""
+    await service.delete_space(db, caller, space_id, now=node.clock())
+    replays.forget(space_id)
+    await asyncio.to_thread(store.delete_space, space_id)
+    node.hub.invalidate(space_id)
+    return Response(status_code=204)
 
 
 # -- stage ---------------------------------------------------------------------------------------
