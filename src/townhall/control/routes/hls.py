@@ -7,6 +7,14 @@ playlist is served fresh, and blocking reloads (``_HLS_msn``/``_HLS_part``, RFC 
 A listener ticket travels as the ``ticket`` query parameter or the ``townhall_ticket`` cookie
 and is checked on every request, without a database call. Names are matched by pattern and
 served from memory: no request reaches the filesystem.
+
+Tickets and caching: the playlist's URIs are relative and carry no ticket, so its bytes are
+the same for every listener. The ticket reaches the media requests as a cookie scoped to
+``/hls/{space_id}/``, set by the join response and by a playlist request that carries a valid
+``?ticket=`` the client's cookie does not already hold (hls.js, Safari and ffmpeg all keep
+it). Only such a response carries ``Set-Cookie``, and it is marked ``private`` so that no
+shared cache stores it; every other response is public. An edge in front keys its cache on
+the path and ``_HLS_msn``/``_HLS_part`` only and checks the ticket itself (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from townhall.admission.tickets import TicketError
+from townhall.admission.tickets import Ticket, TicketError
 from townhall.audience.origin import SpaceStream
 from townhall.audience.playlist import BlockingRequestError, check_blocking_request
 from townhall.control.deps import NodeDep
@@ -32,16 +40,37 @@ PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 MP4_TYPE = "audio/mp4"
 
 
-def _check_ticket(node: Node, request: Request, space_id: str) -> None:
-    token = request.query_params.get("ticket") or request.cookies.get("townhall_ticket")
+TICKET_COOKIE = "townhall_ticket"
+
+
+def _check_ticket(node: Node, request: Request, space_id: str) -> tuple[str, Ticket]:
+    """The request's ticket (query first, then cookie) and what it says; 403 if none is good."""
+    token = request.query_params.get("ticket") or request.cookies.get(TICKET_COOKIE)
     if not token:
         raise Forbidden(
             "a listener ticket is required: POST /api/v1/spaces/{id}/join", code="ticket_required"
         )
     try:
-        node.tickets.check(token, space_id, node.clock())
+        return token, node.tickets.check(token, space_id, node.clock())
     except TicketError as exc:
         raise Forbidden(str(exc), code=exc.code) from exc
+
+
+def set_ticket_cookie(response: Response, node: Node, token: str, ticket: Ticket) -> None:
+    """Hand the ticket over as the ``townhall_ticket`` cookie of ``/hls/{space_id}/`` (a path of
+    its own per space, so a listener of several spaces keeps one ticket for each), living as
+    long as the ticket. The response becomes ``private``: a shared cache must not store it."""
+    response.set_cookie(
+        TICKET_COOKIE,
+        token,
+        max_age=max(1, int(ticket.expires_at - node.clock())),
+        path=f"/hls/{ticket.space_id}/",
+        secure=node.config.effective_public_url.startswith("https:"),
+        httponly=True,
+        samesite="lax",
+    )
+    cache = response.headers.get("cache-control", "no-cache")
+    response.headers["Cache-Control"] = "private, " + cache.removeprefix("public, ")
 
 
 def _stream(node: Node, space_id: str) -> SpaceStream:
@@ -85,7 +114,7 @@ async def live_playlist(
 ) -> Response:
     """The live LL-HLS media playlist, with blocking reload."""
     del ticket  # read by _check_ticket (declared here for the API description)
-    _check_ticket(node, request, space_id)
+    token, admitted = _check_ticket(node, request, space_id)
     stream = _stream(node, space_id)
     blocking = hls_msn is not None
     if hls_part is not None and hls_msn is None:
@@ -107,7 +136,10 @@ async def live_playlist(
         if blocking
         else "public, max-age=0, must-revalidate"
     )
-    return Response(text, media_type=PLAYLIST_TYPE, headers={"Cache-Control": cache})
+    response = Response(text, media_type=PLAYLIST_TYPE, headers={"Cache-Control": cache})
+    if request.query_params.get("ticket") == token and request.cookies.get(TICKET_COOKIE) != token:
+        set_ticket_cookie(response, node, token, admitted)
+    return response
 
 
 @router.get("/hls/{space_id}/init.mp4", response_class=Response)

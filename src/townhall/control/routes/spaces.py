@@ -23,6 +23,7 @@ from townhall.control.deps import (
     public_base,
 )
 from townhall.control.node import Node
+from townhall.control.routes.hls import set_ticket_cookie
 from townhall.control.schemas import (
     HandleBody,
     JoinOut,
@@ -302,8 +303,11 @@ async def notifications(
 
 
 @router.post("/spaces/{space_id}/join", response_model=JoinOut)
-async def join(request: Request, space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep) -> JoinOut:
-    """Join as a listener: a signed ticket and the live playlist's URL."""
+async def join(
+    request: Request, response: Response, space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep
+) -> JoinOut:
+    """Join as a listener: a signed ticket and the live playlist's URL. The ticket is also set
+    as the `townhall_ticket` cookie of `/hls/{id}/`, so players need not carry it themselves."""
     space = await service.get_space(db, space_id)
     service.require_state(space, ("live",))
     if viewer is not None and await service.is_blocked(db, space.id, viewer.account.id):
@@ -311,6 +315,8 @@ async def join(request: Request, space_id: SpaceId, viewer: MaybeCaller, node: N
     listener = listener_id(viewer.account.id if viewer else None)
     ticket, issued = node.tickets.issue(space.id, listener, node.clock())
     node.hub.listener_seen(space.id, listener)
+    set_ticket_cookie(response, node, ticket, issued)
+    response.headers["Cache-Control"] = "private, no-store"
     return JoinOut(
         ticket=ticket,
         hls_url=f"{public_base(request, node)}/hls/{space.id}/live.m3u8?ticket={ticket}",
