@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--tone", type=float, metavar="HZ", help="a sine tone of this frequency")
     what.add_argument("--file", metavar="AUDIO", help="any audio file PyAV can decode (looped)")
     speak.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    listen = sub.add_parser(
+        "listen", help="listen to a space over LL-HLS, record it, and report the latency behind live"
+    )
+    listen.add_argument(
+        "url",
+        help="a space URL (BASE/api/v1/spaces/ID: joins first) or a playlist URL with its ticket "
+        "(the hls_url from POST /api/v1/spaces/ID/join)",
+    )
+    listen.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    listen.add_argument(
+        "--out", type=Path, help="record to FILE: .wav (decoded PCM) or .m4a (the AAC parts as received)"
+    )
+    listen.add_argument("--token", help="a bearer token from POST /api/v1/sessions, to join as an account")
+    listen.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return parser
 
 
@@ -216,6 +230,57 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    import json
+    import signal
+
+    from townhall.audience.listener import Listener, ListenError, ListenProgress
+
+    if args.seconds is not None and args.seconds <= 0:
+        print("townhall: --seconds must be positive", file=sys.stderr)
+        return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury progress
+
+    def progress(p: ListenProgress) -> None:
+        total = f"/{args.seconds:.0f}" if args.seconds else ""
+        print(
+            f"listening {p.elapsed:5.1f}{total} s  part {p.part[0]}.{p.part[1]}  {p.parts} parts  "
+            f"{p.kib} KiB  {p.level_dbfs:6.1f} dBFS  {p.latency:.2f} s behind live "
+            f"(median {p.median_latency:.2f})",
+            end="\r",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        try:
+            listener = Listener(args.url, token=args.token, out=args.out, on_progress=progress)
+            result = await listener.run(args.seconds, stop)
+        except ListenError as exc:
+            print(f"\ntownhall: {exc}", file=sys.stderr)
+            return 1
+        print(file=sys.stderr)
+        lat = result.latency
+        summary = (
+            f"{result.reason}: {result.parts} parts, {result.audio_seconds:.1f} s of audio in "
+            f"{result.elapsed:.1f} s, {result.gaps} gaps"
+        )
+        if lat is not None:
+            summary += f"; behind live: median {lat.median:.2f} s, p95 {lat.p95:.2f} s, max {lat.max:.2f} s"
+        if result.out:
+            summary += f"; wrote {result.out}"
+        print(summary, file=sys.stderr)
+        if args.json:
+            print(json.dumps(result.as_dict()))
+        return 0 if result.parts else 1
+
+    return asyncio.run(run())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -231,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "speak":
             return cmd_speak(args)
+        if args.command == "listen":
+            return cmd_listen(args)
         return cmd_admin(args)
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a normal exit.
