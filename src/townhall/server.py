@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def build_server(config: Config, node: Node | None = None) -> uvicorn.Server:
     node = node or Node.from_config(config)
-    app = create_app(node)
+    app = create_app(node, warm_stage=True)
     uv_config = uvicorn.Config(
         app,
         host=config.host,

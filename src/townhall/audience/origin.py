@@ -1,8 +1,11 @@
 """The LL-HLS origin's memory: each live space's init segment, recent parts and segments, and
 the playlist, with a wait for blocking playlist reloads.
 
-Parts arrive from the packager thread and are applied on the event loop. Nothing here is per
-listener: every listener of a space is served the same bytes, rendered once per change.
+Parts arrive from the stage process (``stage/process.py``) and are applied on the event loop.
+Nothing here is per listener: every listener of a space is served the same bytes, rendered once
+per change. When the stage process restarts mid-space, the stream closes the segment it was
+building and marks the next one as a discontinuity (timestamps start again; the init segment is
+byte-identical, since the encoder settings are the same).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 
-from townhall.audience.packager import Packager, PartReady
+from townhall.audience.packager import PartReady
 from townhall.audience.playlist import Part, PlaylistSpec, Segment, has_part, render_live
 
 RETAIN_SEGMENTS = 12
@@ -23,6 +26,7 @@ class _Building:
     start: float
     parts: list[bytes]
     durations: list[float]
+    discontinuity: bool
 
 
 class SpaceStream:
@@ -37,6 +41,7 @@ class SpaceStream:
         self._next_msn = 0
         self._changed = asyncio.Event()
         self._playlist: str | None = None
+        self._discontinuity = False
         self.ended = False
 
     # -- from the packager ---------------------------------------------------------------------
@@ -47,14 +52,31 @@ class SpaceStream:
     def add_part(self, part: PartReady) -> None:
         b = self._building
         if b is None:
-            b = self._building = _Building(self._next_msn, part.start, [], [])
+            b = self._building = _Building(self._next_msn, part.start, [], [], self._discontinuity)
             self._next_msn += 1
+            self._discontinuity = False
         index = len(b.parts)
         b.parts.append(part.data)
         b.durations.append(part.duration)
         self.part_bytes[(b.msn, index)] = part.data
-        complete = len(b.parts) == self.segment_parts
-        segment = Segment(b.msn, tuple(Part(i, d) for i, d in enumerate(b.durations)), b.start, complete)
+        self._place(b, complete=len(b.parts) == self.segment_parts)
+        self._announce()
+
+    def restart(self) -> None:
+        """The encoder started again (the stage process was restarted): the segment being
+        built ends short, and the next one begins after a discontinuity."""
+        if self._building is not None:
+            self._place(self._building, complete=True)
+            self._announce()
+        self._discontinuity = True
+
+    def end(self) -> None:
+        self.ended = True
+        self._announce()
+
+    def _place(self, b: _Building, *, complete: bool) -> None:
+        parts = tuple(Part(i, d) for i, d in enumerate(b.durations))
+        segment = Segment(b.msn, parts, b.start, complete, b.discontinuity)
         if self.segments and self.segments[-1].msn == b.msn:
             self.segments[-1] = segment
         else:
@@ -63,6 +85,8 @@ class SpaceStream:
             self.segment_bytes[b.msn] = b"".join(b.parts)
             self._building = None
             self._evict()
+
+    def _announce(self) -> None:
         self._playlist = None
         self._changed.set()
         self._changed = asyncio.Event()
@@ -98,47 +122,26 @@ class SpaceStream:
 
 
 class Origin:
-    """Every live space's stream on this node, fed by packagers attached to stage rooms."""
+    """Every live space's stream on this node, fed with the parts the stage process encodes."""
 
-    def __init__(self, spec: PlaylistSpec, segment_parts: int, bitrate: int) -> None:
+    def __init__(self, spec: PlaylistSpec, segment_parts: int) -> None:
         self.spec = spec
         self.segment_parts = segment_parts
-        self.bitrate = bitrate
         self.streams: dict[str, SpaceStream] = {}
-        self.packagers: dict[str, Packager] = {}
 
-    def attach(self, space_id: str) -> Packager:
-        """Start packaging a space: returns the packager to feed with program frames."""
-        packager = self.packagers.get(space_id)
-        if packager is not None:
-            return packager
-        loop = asyncio.get_running_loop()
-        stream = self.streams[space_id] = SpaceStream(self.spec, self.segment_parts)
+    def attach(self, space_id: str) -> SpaceStream:
+        """The space's stream, created when its first part (or its start) arrives."""
+        stream = self.streams.get(space_id)
+        if stream is None or stream.ended:
+            stream = self.streams[space_id] = SpaceStream(self.spec, self.segment_parts)
+        return stream
 
-        def on_init(data: bytes) -> None:
-            loop.call_soon_threadsafe(stream.set_init, data)
-
-        def on_part(part: PartReady) -> None:
-            loop.call_soon_threadsafe(stream.add_part, part)
-
-        packager = Packager(
-            space_id,
-            on_init=on_init,
-            on_part=on_part,
-            bitrate=self.bitrate,
-            part_target=self.spec.part_target,
-        )
-        self.packagers[space_id] = packager
-        return packager
-
-    async def detach(self, space_id: str) -> None:
-        packager = self.packagers.pop(space_id, None)
-        if packager is not None:
-            await asyncio.to_thread(packager.close)
+    def detach(self, space_id: str) -> None:
+        """The space ended: blocking reloads waiting for parts that will never come return."""
         stream = self.streams.get(space_id)
         if stream is not None:
-            stream.ended = True
+            stream.end()
 
-    async def close(self) -> None:
-        for space_id in list(self.packagers):
-            await self.detach(space_id)
+    def close(self) -> None:
+        for space_id in list(self.streams):
+            self.detach(space_id)

@@ -27,7 +27,7 @@ from townhall.control.node import Node
 from townhall.control.routes import accounts, admin, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
-from townhall.stage.hub import StageCollector
+from townhall.stage.process import StageCollector
 from townhall.web import pages
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,15 @@ def error_response(status: int, code: str, message: str, retry_after: int | None
     return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
 
-def create_app(node: Node) -> FastAPI:
+def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
+    """The node's HTTP app. ``warm_stage`` starts the stage process with the app (a server
+    does) rather than at the first space that needs it."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await node.start()
+        if warm_stage:
+            await node.stage.start()
         logger.info("townhall node ready", extra={"database": node.database.url.split("://")[0]})
         sweeper = asyncio.create_task(replay.sweeper(node))  # recording retention
         try:

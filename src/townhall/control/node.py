@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -14,16 +15,26 @@ from townhall.admission.tickets import TicketBook
 from townhall.audience.origin import Origin
 from townhall.audience.playlist import PlaylistSpec
 from townhall.config import Config, ConfigError
-from townhall.events import InProcessEventBus, SpaceEnded, SpeakerMuted, SpeakerRevoked, StageChanged
+from townhall.events import (
+    InProcessEventBus,
+    SpaceEnded,
+    SpaceStarted,
+    SpeakerMuted,
+    SpeakerRevoked,
+    StageChanged,
+)
 from townhall.security.passwords import PasswordHasher
 from townhall.security.signing import Signer, load_or_create_key_set
 from townhall.spaces.grants import PURPOSE as GRANT_PURPOSE
 from townhall.spaces.grants import GrantBook
 from townhall.spaces.live import LiveHub
 from townhall.spaces.service import Outcome
-from townhall.stage.hub import StageHub, speaker_key
-from townhall.stage.ice import media_addresses_for, restrict_host_addresses
+from townhall.stage.channel import StageError
+from townhall.stage.ice import media_addresses_for
+from townhall.stage.process import StageProcess, StageSettings, speaker_key
 from townhall.storage.database import Database
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -36,7 +47,7 @@ class Node:
     grants: GrantBook
     tickets: TicketBook
     hub: LiveHub
-    stage: StageHub
+    stage: StageProcess
     origin: Origin
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
@@ -52,8 +63,18 @@ class Node:
             part_target=config.hls_part_seconds,
             segment_target=config.hls_part_seconds * config.hls_segment_parts,
         )
-        origin = Origin(spec, config.hls_segment_parts, config.aac_bitrate)
-        stage = StageHub(bus, [u.strip() for u in config.ice_servers.split(",") if u.strip()], origin)
+        origin = Origin(spec, config.hls_segment_parts)
+        stage = StageProcess(
+            origin,
+            StageSettings(
+                media_root=str(config.data / "media"),
+                ice_servers=[u.strip() for u in config.ice_servers.split(",") if u.strip()],
+                media_addresses=media_addresses_for(config.media_addresses, config.host),
+                part_target=config.hls_part_seconds,
+                bitrate=config.aac_bitrate,
+                log_level=config.log_level,
+            ),
+        )
         node = cls(
             config=config,
             database=database,
@@ -75,11 +96,9 @@ class Node:
         self.hub.clock = clock
 
     async def start(self) -> None:
-        restrict_host_addresses(media_addresses_for(self.config.media_addresses, self.config.host))
         self.config.data.mkdir(parents=True, exist_ok=True)
         await self.database.migrate()
         await self.hub.start()
-        await self.stage.start()
         self._tasks.append(asyncio.create_task(self._follow_revocations()))
 
     async def stop(self) -> None:
@@ -93,16 +112,26 @@ class Node:
         await self.database.close()
 
     async def publish(self, outcome: Outcome) -> None:
-        """Announce what a committed operation changed."""
+        """Announce what a committed operation changed. The stage applies it before the API
+        answers: a revoked speaker is cut off, a mute is in the mixer, an ended space's last
+        part is encoded."""
         for event in outcome.events:
-            room = self.stage.rooms.get(event.space_id)
             if isinstance(event, SpeakerRevoked):
                 # Applied locally before anyone hears of it: no window where this node accepts it.
                 self.grants.revoke(event.grant_id, self.clock())
-                if room is not None:
-                    await room.drop_grant(event.grant_id)
-            if isinstance(event, SpeakerMuted) and room is not None:
-                room.set_muted(speaker_key(event.account_id), event.muted)  # before the reply
+            try:
+                if isinstance(event, SpeakerRevoked):
+                    await self.stage.revoke(event.grant_id)
+                elif isinstance(event, SpeakerMuted):
+                    await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
+                elif isinstance(event, SpaceStarted):
+                    await self.stage.start_space(event.space_id)
+                elif isinstance(event, SpaceEnded):
+                    await self.stage.end_space(event.space_id)
+            except StageError:
+                # The stage is restarting: it comes back with no sessions, and every speaker
+                # who reconnects is checked (and muted) against the database again.
+                logger.warning("stage unavailable for an event", extra={"space": event.space_id})
             if isinstance(event, StageChanged | SpaceEnded):
                 self.hub.invalidate(event.space_id)  # read-your-writes for the caller
             await self.bus.publish(event)

@@ -1,110 +1,183 @@
-"""The stages of all spaces on this node, and how control-plane events reach them."""
+"""The stages of all spaces on a node, inside the stage process: rooms, peers and packagers.
+
+Everything here runs in the stage process (``stage/worker.py``), never in the process that
+serves HTTP: the node asks for a WHIP or WHEP session, a mute, a revocation or the end of a
+space through the channel (``stage/channel.py``), and hears back about encoded parts, levels,
+closed peers and tick lateness. The WebRTC negotiation (SDP offer to answer) happens here, next
+to the peer connections it creates. Every part the packager makes is written durably to the
+media store (the recording) before the node hears of it (the live origin).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
-from townhall.audience.origin import Origin
-from townhall.events import InProcessEventBus, SpaceEnded, SpaceStarted, SpeakerMuted, SpeakerRevoked
-from townhall.stage.room import Room
+from townhall.audience.packager import Packager, PartReady
+from townhall.stage.channel import StageError
+from townhall.stage.room import Peer, Room
+from townhall.storage.media_store import MediaStore, PartRecord
 
 logger = logging.getLogger(__name__)
 
-
-def speaker_key(account_id: int) -> str:
-    return f"a{account_id}"
+# notify(op, payload, **fields): a message to the node.
+Notify = Callable[..., None]
 
 
 class StageHub:
-    def __init__(self, bus: InProcessEventBus, ice_servers: list[str], origin: Origin) -> None:
-        self.bus = bus
-        self.origin = origin
+    def __init__(
+        self, notify: Notify, store: MediaStore, ice_servers: list[str], part_target: float, bitrate: int
+    ) -> None:
+        self.notify = notify
+        self.store = store
         self.rooms: dict[str, Room] = {}
+        self.packagers: dict[str, Packager] = {}
+        self.part_target = part_target
+        self.bitrate = bitrate
         self._ice = [RTCIceServer(urls=u) for u in ice_servers]
-        self._task: asyncio.Task[None] | None = None
 
-    def new_peer_connection(self) -> RTCPeerConnection:
-        return RTCPeerConnection(RTCConfiguration(iceServers=self._ice))
+    # -- rooms ---------------------------------------------------------------------------------
 
     def room(self, space_id: str) -> Room:
+        """The space's room, created (with its packager and clock) on first use."""
         room = self.rooms.get(space_id)
         if room is None:
             room = self.rooms[space_id] = Room(space_id)
-            packager = self.origin.attach(space_id)
+            loop = asyncio.get_running_loop()
+            # A space that ran before (a restart of this process or of the node) continues its
+            # part numbering in a new epoch: a discontinuity, nothing overwritten.
+            seq, epoch = self.store.resume_point(space_id)
+            numbering = itertools.count(seq)
+
+            # Both run on the packager's thread: the fsync waits there, never on the clock.
+            def on_init(data: bytes) -> None:
+                self.store.write_init(space_id, epoch, data)
+                loop.call_soon_threadsafe(functools.partial(self.notify, "init", data, space=space_id))
+
+            def on_part(part: PartReady) -> None:
+                n = next(numbering)
+                self.store.write_part(space_id, PartRecord(n, epoch, part.duration, part.start, part.data))
+                note = functools.partial(
+                    self.notify,
+                    "part",
+                    part.data,
+                    space=space_id,
+                    duration=part.duration,
+                    start=part.start,
+                    seq=n,
+                    epoch=epoch,
+                )
+                loop.call_soon_threadsafe(note)  # announced only once it is durable
+
+            packager = self.packagers[space_id] = Packager(
+                space_id, on_init=on_init, on_part=on_part, bitrate=self.bitrate, part_target=self.part_target
+            )
             room.program_sinks.append(lambda out: packager.feed(out.program, time.time()))
+            room.on_peer_closed = lambda peer: self.notify("peer_closed", space=space_id, peer=peer.id)
             room.ensure_running()
         return room
 
-    def levels(self, space_id: str) -> dict[str, float]:
-        room = self.rooms.get(space_id)
-        return dict(room.levels) if room else {}
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for room in list(self.rooms.values()):
+    async def end(self, space_id: str) -> None:
+        """Close the room and flush its packager: the last part is out before this returns."""
+        room = self.rooms.pop(space_id, None)
+        if room is not None:
             await room.close()
-        self.rooms.clear()
-        await self.origin.close()
+        packager = self.packagers.pop(space_id, None)
+        if packager is not None:
+            await asyncio.to_thread(packager.close)
+            await asyncio.to_thread(self.store.finish, space_id)
 
-    async def _follow(self) -> None:
-        async with self.bus.listening() as queue:
-            while True:
-                event = await queue.get()
-                if isinstance(event, SpaceStarted):
-                    self.room(event.space_id)  # listeners hear the room from the first second
-                    continue
-                room = self.rooms.get(event.space_id)
-                if room is None:
-                    continue
-                if isinstance(event, SpeakerMuted):
-                    room.set_muted(speaker_key(event.account_id), event.muted)
-                elif isinstance(event, SpeakerRevoked):
-                    await room.drop_grant(event.grant_id)
-                elif isinstance(event, SpaceEnded):
-                    await room.close()
-                    self.rooms.pop(event.space_id, None)
-                    await self.origin.detach(event.space_id)
+    async def close(self) -> None:
+        for space_id in list(self.rooms):
+            await self.end(space_id)
 
+    # -- sessions ------------------------------------------------------------------------------
 
-class StageCollector:
-    """Prometheus view of the stage: speakers, peers and 20 ms tick lateness per room."""
+    def _peer_connection(self) -> RTCPeerConnection:
+        return RTCPeerConnection(RTCConfiguration(iceServers=self._ice))
 
-    def __init__(self, hub: StageHub) -> None:
-        self.hub = hub
+    async def open_whip(self, space_id: str, speaker: str, grant_id: str, muted: bool, sdp: str) -> Peer:
+        room = self.room(space_id)
+        peer = Peer(self._peer_connection(), "whip", speaker, grant_id)
 
-    def collect(self) -> Iterator[Metric]:
-        rooms = GaugeMetricFamily("townhall_stage_rooms", "spaces with a running stage on this node")
-        rooms.add_metric([], len(self.hub.rooms))
-        yield rooms
-        peers = GaugeMetricFamily("townhall_stage_peers", "WebRTC sessions by kind", labels=["kind"])
-        for kind in ("whip", "whep"):
-            peers.add_metric(
-                [kind], sum(1 for r in self.hub.rooms.values() for p in r.peers.values() if p.kind == kind)
-            )
-        yield peers
-        late = GaugeMetricFamily(
-            "townhall_stage_tick_lateness_seconds",
-            "lateness of the mixer's 20 ms ticks over the last 10 minutes, by quantile (all rooms)",
-            labels=["quantile"],
+        @peer.pc.on("track")
+        def on_track(track: RemoteStreamTrack) -> None:
+            if track.kind == "audio":
+                room.add_speaker(peer, track, muted=muted)
+
+        room.register(peer)
+        await self._negotiate(room, peer, sdp)
+        return peer
+
+    async def open_whep(self, space_id: str, who: str, grant_id: str, sdp: str) -> Peer:
+        room = self.room(space_id)
+        peer = Peer(self._peer_connection(), "whep", who, grant_id)
+        track = room.add_listener(peer)
+        peer.pc.addTransceiver(track, direction="sendonly")
+        await self._negotiate(room, peer, sdp)
+        return peer
+
+    async def _negotiate(self, room: Room, peer: Peer, sdp: str) -> None:
+        """Answer the offer (full ICE gathering, no trickle); a refused offer leaves the room.
+        A peer whose network drops (no DELETE) is removed when ICE gives up."""
+
+        @peer.pc.on("connectionstatechange")
+        async def changed() -> None:
+            if peer.pc.connectionState in ("failed", "closed"):
+                await room.drop(peer.id)
+
+        try:
+            await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await peer.pc.setLocalDescription(await peer.pc.createAnswer())
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            await room.drop(peer.id)
+            raise StageError(400, "malformed_sdp", f"the SDP offer was refused: {exc}") from exc
+        logger.info(
+            "stage session",
+            extra={"space": room.space_id, "peer": peer.id, "kind": peer.kind, "speaker": peer.speaker},
         )
-        samples = [x for r in self.hub.rooms.values() for x in r.lateness]
-        for q in (0.5, 0.99, 1.0):
-            late.add_metric([str(q)], float(np.quantile(samples, q)) if samples else 0.0)
-        yield late
-        ticks = CounterMetricFamily("townhall_stage_ticks", "mixer ticks run")
-        ticks.add_metric([], sum(r.mixer.ticks for r in self.hub.rooms.values()))
-        yield ticks
+
+    async def drop(self, space_id: str, peer_id: str) -> bool:
+        room = self.rooms.get(space_id)
+        return room is not None and await room.drop(peer_id)
+
+    def mute(self, space_id: str, speaker: str, muted: bool) -> None:
+        room = self.rooms.get(space_id)
+        if room is not None:
+            room.set_muted(speaker, muted)
+
+    async def revoke(self, grant_id: str) -> None:
+        for room in list(self.rooms.values()):
+            await room.drop_grant(grant_id)
+
+    # -- what the node is told -----------------------------------------------------------------
+
+    def levels(self) -> dict[str, dict[str, float]]:
+        return {space_id: dict(room.levels) for space_id, room in self.rooms.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Per room: peers, tick lateness quantiles over the last 10 minutes, ticks, and when
+        each speaker was last mixed in (wall clock) — the evidence that a mute took effect."""
+        rooms: dict[str, Any] = {}
+        for space_id, room in self.rooms.items():
+            late = np.fromiter(room.lateness, dtype=np.float64)
+            packager = self.packagers.get(space_id)
+            rooms[space_id] = {
+                "peers": {p.id: [p.kind, p.speaker, p.grant_id] for p in room.peers.values()},
+                "lateness": {
+                    str(q): float(np.quantile(late, q)) if len(late) else 0.0 for q in (0.5, 0.99, 1.0)
+                },
+                "ticks": room.mixer.ticks,
+                "last_mixed": dict(room.last_mixed),
+                "packager_dropped": packager.dropped if packager else 0,
+            }
+        return {"at": time.time(), "rooms": rooms}

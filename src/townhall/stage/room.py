@@ -16,6 +16,7 @@ import contextlib
 import fractions
 import logging
 import secrets
+import time
 from collections.abc import Callable
 
 import av
@@ -102,7 +103,9 @@ class Room:
         self.program_sinks: list[Callable[[MixOutput], None]] = []
         self.lateness: collections.deque[float] = collections.deque(maxlen=50 * 60 * 10)
         self.levels: dict[str, float] = {}
-        self.mute_applied_at: dict[str, float] = {}
+        # Wall-clock time of the last tick that mixed each speaker's (unmuted) audio in.
+        self.last_mixed: dict[str, float] = {}
+        self.on_peer_closed: Callable[[Peer], None] | None = None
         self._clock_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[bool]] = set()
         self._loop_time = clock
@@ -162,6 +165,8 @@ class Room:
         if peer.track is not None:
             peer.track.stop()
         await peer.pc.close()
+        if self.on_peer_closed is not None:
+            self.on_peer_closed(peer)
         logger.info("stage peer closed", extra={"space": self.space_id, "peer": peer.id, "kind": peer.kind})
         return True
 
@@ -173,7 +178,6 @@ class Room:
 
     def set_muted(self, speaker: str, muted: bool) -> None:
         self.mixer.set_muted(speaker, muted)
-        self.mute_applied_at[speaker] = self.now()
 
     async def _read(self, peer: Peer, track: MediaStreamTrack) -> None:
         chunker = _Rechunker()
@@ -204,6 +208,10 @@ class Room:
             self.lateness.append(late)
             out = self.mixer.tick(deadline)
             self.levels = out.levels
+            wall = time.time()
+            for speaker, level in out.levels.items():
+                if level > -120.0:
+                    self.last_mixed[speaker] = wall
             for peer in self.peers.values():
                 if peer.track is not None:
                     peer.track.offer(

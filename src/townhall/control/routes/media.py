@@ -16,17 +16,23 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from aiortc import RTCSessionDescription
-from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from townhall.control.deps import DbDep, NodeDep
 from townhall.control.node import Node
-from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, UnsupportedMediaType
+from townhall.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from townhall.spaces import service
 from townhall.spaces.grants import Grant, GrantError
-from townhall.stage.hub import speaker_key
-from townhall.stage.room import Peer, Room
+from townhall.stage.channel import StageError
+from townhall.stage.process import speaker_key
 
 logger = logging.getLogger(__name__)
 
@@ -99,50 +105,19 @@ async def _current_member(node: Node, db: DbDep, grant: Grant) -> tuple[str, boo
     return m.role, m.muted
 
 
-async def _answer(node: Node, peer: Peer, sdp: str) -> str:
-    try:
-        await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        await peer.pc.setLocalDescription(await peer.pc.createAnswer())
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        await peer.pc.close()
-        raise BadRequest(f"the SDP offer was refused: {exc}", code="malformed_sdp") from exc
-    return str(peer.pc.localDescription.sdp)
-
-
-def _created(kind: str, space_id: str, peer: Peer, answer: str) -> Response:
+def _created(kind: str, space_id: str, peer_id: str, answer: str) -> Response:
     headers = {
-        "Location": f"/{kind}/{space_id}/{peer.id}",
-        "ETag": f'"{peer.id}"',
+        "Location": f"/{kind}/{space_id}/{peer_id}",
+        "ETag": f'"{peer_id}"',
         **CORS,
     }
     return Response(answer, status_code=201, media_type="application/sdp", headers=headers)
 
 
-def _watch(node: Node, space_id: str, peer: Peer) -> None:
-    """A peer whose network drops (no DELETE) is removed when ICE gives up."""
-
-    @peer.pc.on("connectionstatechange")
-    async def changed() -> None:
-        if peer.pc.connectionState in ("failed", "closed"):
-            room = node.stage.rooms.get(space_id)
-            if room is not None:
-                await room.drop(peer.id)
-
-
-async def _negotiate(node: Node, room: Room, space_id: str, peer: Peer, sdp: str) -> Response:
-    """The rest of a WHIP or WHEP handshake once the peer is set up: watch it, answer the
-    offer (the peer leaves the room if the offer is refused) and reply 201."""
-    _watch(node, space_id, peer)
-    try:
-        answer = await _answer(node, peer, sdp)
-    except ApiError:
-        await room.drop(peer.id)
-        raise
-    logger.info(
-        "stage session",
-        extra={"space": space_id, "peer": peer.id, "kind": peer.kind, "speaker": peer.speaker},
-    )
-    return _created(peer.kind, space_id, peer, answer)
+def _stage_error(exc: StageError) -> ApiError:
+    """A refusal from the stage process, as the API's own error."""
+    kinds: dict[int, type[ApiError]] = {400: BadRequest, 404: NotFound, 503: ServiceUnavailable}
+    return kinds.get(exc.status, ServiceUnavailable)(exc.message, code=exc.code)
 
 
 @router.options("/whip/{space_id}", include_in_schema=False)
@@ -160,16 +135,13 @@ async def whip(space_id: SpaceId, request: Request, node: NodeDep, db: DbDep) ->
     sdp = await _offer(request)
     _, muted = await _current_member(node, db, grant)
     await db.close()
-    room = node.stage.room(space_id)
-    peer = Peer(node.stage.new_peer_connection(), "whip", speaker_key(grant.account_id), grant.grant_id)
-
-    @peer.pc.on("track")
-    def on_track(track: RemoteStreamTrack) -> None:
-        if track.kind == "audio":
-            room.add_speaker(peer, track, muted=muted)
-
-    room.register(peer)
-    return await _negotiate(node, room, space_id, peer, sdp)
+    speaker = speaker_key(grant.account_id)
+    try:
+        peer_id, answer = await node.stage.open_whip(space_id, speaker, grant.grant_id, muted, sdp)
+    except StageError as exc:
+        raise _stage_error(exc) from exc
+    logger.info("whip session", extra={"space": space_id, "peer": peer_id, "speaker": speaker})
+    return _created("whip", space_id, peer_id, answer)
 
 
 @router.post("/whep/{space_id}", status_code=201, openapi_extra=_SDP_BODY, response_class=Response)
@@ -187,12 +159,13 @@ async def whep(
     await db.close()
     if mix == "program" and role not in service.MANAGERS:
         raise Forbidden("only hosts and co-hosts may monitor the program mix", code="hosts_only")
-    room = node.stage.room(space_id)
     who = "*" if mix == "program" else speaker_key(grant.account_id)
-    peer = Peer(node.stage.new_peer_connection(), "whep", who, grant.grant_id)
-    track = room.add_listener(peer)
-    peer.pc.addTransceiver(track, direction="sendonly")
-    return await _negotiate(node, room, space_id, peer, sdp)
+    try:
+        peer_id, answer = await node.stage.open_whep(space_id, who, grant.grant_id, sdp)
+    except StageError as exc:
+        raise _stage_error(exc) from exc
+    logger.info("whep session", extra={"space": space_id, "peer": peer_id, "who": who})
+    return _created("whep", space_id, peer_id, answer)
 
 
 @router.delete("/whip/{space_id}/{session_id}", status_code=200, response_class=Response)
@@ -202,17 +175,19 @@ async def whep(
 async def end_session(space_id: SpaceId, session_id: SessionId, request: Request, node: NodeDep) -> Response:
     """End a WHIP or WHEP session (RFC 9725 §4.2). Needs the token that opened it."""
     token = _bearer(request)
-    room = node.stage.rooms.get(space_id)
-    peer = room.peers.get(session_id) if room else None
-    if room is None or peer is None:
+    session = node.stage.sessions.get(session_id)
+    if session is None or session.space_id != space_id:
         raise NotFound("no such session", code="session_not_found")
     try:
         grant = node.grants.signer.verify(token)
     except ValueError as exc:
         raise Unauthorized("invalid token", code="invalid_token") from exc
-    if grant.get("g") != peer.grant_id:
+    if grant.get("g") != session.grant_id:
         raise Forbidden("this session belongs to another grant", code="not_yours")
-    await room.drop(session_id)
+    try:
+        await node.stage.drop(space_id, session_id)
+    except StageError as exc:
+        raise _stage_error(exc) from exc
     return Response(status_code=200, headers=CORS)
 
 
