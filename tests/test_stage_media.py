@@ -238,3 +238,42 @@ def test_townhall_speak_command(live: Cast) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_townhall_monitor_records_the_program_to_a_wav(live: Cast, tmp_path: Path) -> None:
+    """`townhall monitor --program` as a host runs it: a WHEP recording of the full program mix
+    (the speaker's tone is in it), with progress output; a speaker's own mix-minus lacks it."""
+    import sys
+    import wave
+
+    base = live.server.url
+    whep = f"{base}/whep/{live.space_id}"
+
+    async def scenario() -> tuple[int, str, int]:
+        pub = await publish(f"{base}/whip/{live.space_id}", token(live, "speaker"), ToneTrack(550.0))
+        try:
+            runs = []
+            for who, extra, out in (("host", ["--program"], "program.wav"), ("speaker", [], "minus.wav")):
+                args = ["--token", token(live, who), "--out", str(tmp_path / out), "--seconds", "2", *extra]
+                runs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "townhall", "monitor", whep, *args,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    )
+                )  # fmt: skip
+            outs = [await asyncio.wait_for(r.communicate(), 60) for r in runs]
+            return runs[0].returncode or 0, outs[0][0].decode(), runs[1].returncode or 0
+        finally:
+            await pub.close()
+
+    code, stdout, minus_code = asyncio.run(scenario())
+    assert code == 0 and minus_code == 0, stdout
+    assert "recording" in stdout and "dBFS" in stdout
+    pcm = {}
+    for name in ("program", "minus"):
+        with wave.open(str(tmp_path / f"{name}.wav")) as wav:
+            assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (RATE, 1, 2)
+            pcm[name] = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
+    assert len(pcm["program"]) == 2 * RATE
+    assert tone_power(pcm["program"][RATE // 2 :], RATE, 550.0) > 0.5
+    assert tone_power(pcm["minus"][RATE // 2 :], RATE, 550.0) < ABSENT

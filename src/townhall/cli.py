@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--tone", type=float, metavar="HZ", help="a sine tone of this frequency")
     what.add_argument("--file", metavar="AUDIO", help="any audio file PyAV can decode (looped)")
     speak.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    monitor = sub.add_parser(
+        "monitor", help="record what the stage sends over WHEP (a mix-minus, or a host's program) to WAV"
+    )
+    monitor.add_argument("url", help="the whep_url from POST /api/v1/spaces/{id}/speakers")
+    monitor.add_argument("--token", required=True, help="the speaker_token")
+    monitor.add_argument("--out", type=Path, required=True, help="the WAV file to write (48 kHz mono)")
+    monitor.add_argument(
+        "--program",
+        action="store_true",
+        help="the full program mix (hosts and co-hosts) instead of mix-minus",
+    )
+    monitor.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     listen = sub.add_parser(
         "listen", help="listen to a space over LL-HLS, record it, and report the latency behind live"
     )
@@ -230,6 +242,38 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from urllib.parse import urlparse
+
+    from townhall.stage.client import MonitorProgress, StageClientError, monitor
+    from townhall.stage.ice import media_addresses_for, restrict_host_addresses
+
+    if args.seconds is not None and args.seconds <= 0:
+        print("townhall: --seconds must be positive", file=sys.stderr)
+        return 2
+    url = args.url + (("&" if "?" in args.url else "?") + "mix=program" if args.program else "")
+
+    def progress(p: MonitorProgress) -> None:
+        total = f"/{args.seconds:.0f}" if args.seconds else ""
+        end = "\n" if p.finished else "\r"
+        print(
+            f"recording {p.seconds_written:5.1f}{total} s  peak {p.peak_dbfs:6.1f} dBFS  -> {args.out}",
+            end=end,
+        )
+        sys.stdout.flush()
+
+    restrict_host_addresses(media_addresses_for("", urlparse(args.url).hostname or ""))
+    try:
+        result = asyncio.run(monitor(url, args.token, str(args.out), args.seconds, on_progress=progress))
+    except StageClientError as exc:
+        print(f"\ntownhall: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"\ntownhall: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result.seconds_written > 0 else 1
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     import json
     import signal
@@ -296,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "speak":
             return cmd_speak(args)
+        if args.command == "monitor":
+            return cmd_monitor(args)
         if args.command == "listen":
             return cmd_listen(args)
         return cmd_admin(args)

@@ -575,3 +575,74 @@ async def speak(
         return final
     finally:
         source.stop()
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorProgress:
+    """A report from :func:`monitor`: seconds of audio written so far and its level."""
+
+    seconds_written: float
+    peak_dbfs: float
+    finished: bool = False
+
+
+async def monitor(
+    endpoint: str,
+    token: str,
+    out: str,
+    seconds: float | None = None,
+    *,
+    on_progress: Callable[[MonitorProgress], None] | None = None,
+    timeout: float = 10,  # noqa: ASYNC109 - as for publish
+    stop: asyncio.Event | None = None,
+) -> MonitorProgress:
+    """Record a WHEP stream (a speaker's mix-minus, or with ``?mix=program`` a host's program
+    monitor) into the WAV file ``out`` (48 kHz mono 16-bit), written as it arrives, for
+    ``seconds`` (None: until ``stop`` is set, the task is cancelled or the stage ends it)."""
+    import wave
+
+    session = await subscribe(endpoint, token, timeout=timeout)
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    written = 0
+    peak = 0
+    limit = None if seconds is None else round(seconds * SAMPLE_RATE)
+    async with session:
+        track = await session.remote_track()
+        with wave.open(out, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(SAMPLE_RATE)
+            next_report = SAMPLE_RATE
+            while limit is None or written < limit:
+                if stop is not None and stop.is_set():
+                    break
+                try:
+                    async with asyncio.timeout(timeout):
+                        frame = await track.recv()
+                except (TimeoutError, MediaStreamError):
+                    break
+                if not isinstance(frame, av.AudioFrame):
+                    continue
+                frame.pts = None
+                for chunk in resampler.resample(frame):
+                    pcm = np.asarray(chunk.to_ndarray(), dtype=np.int16).reshape(-1)
+                    if limit is not None:
+                        pcm = pcm[: limit - written]
+                    wav.writeframes(pcm.tobytes())
+                    written += len(pcm)
+                    if len(pcm):
+                        peak = max(peak, int(np.abs(pcm.astype(np.int32)).max()))
+                if on_progress is not None and written >= next_report:
+                    next_report += SAMPLE_RATE
+                    on_progress(MonitorProgress(written / SAMPLE_RATE, _dbfs(peak)))
+    final = MonitorProgress(written / SAMPLE_RATE, _dbfs(peak), finished=True)
+    if on_progress is not None:
+        on_progress(final)
+    return final
+
+
+def _dbfs(peak: int) -> float:
+    return -120.0 if peak <= 0 else round(20 * float(np.log10(peak / 32768.0)), 1)
