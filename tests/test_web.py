@@ -239,6 +239,8 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         listener.goto(f"{site.url}{space_path}")
         expect(listener.locator("#title")).to_have_text("Tones at twilight")
         expect(listener.get_by_role("heading", name="Host controls")).to_be_hidden()
+        hls_requests: list[str] = []
+        listener.on("request", lambda r: "/hls/" in r.url and hls_requests.append(r.url))
         listener.get_by_role("button", name="Listen", exact=True).click()
         expect(listener.get_by_role("button", name="Stop listening")).to_be_visible()
         assert listener.evaluate(PROBE, "#player") in (44100, 48000)
@@ -268,6 +270,11 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         for page in (listener, host):
             expect(page.locator('.speaker-tile[data-handle="sami"]')).to_have_class(re.compile("speaking"))
         expect(listener.locator("#listeners")).to_contain_text("1 listening")
+        # The join's cookie carries the ticket: the player asks for the same URLs as everyone
+        # (an edge's cache key), low-latency parts and blocking reloads included.
+        assert hls_requests and not [u for u in hls_requests if "ticket=" in u], hls_requests[:3]
+        assert any(re.search(r"/seg\d+\.\d+\.m4s$", u) for u in hls_requests), hls_requests[-5:]
+        assert any("_HLS_msn=" in u for u in hls_requests), hls_requests[-5:]
         shoot(listener, "listener")
         shoot(speaker, "speaker")
         shoot(host, "host")
@@ -279,6 +286,15 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         assert not muted[-1]["paused"]  # still playing: silence, not a stalled player
         expect(speaker.get_by_role("button", name="Unmute")).to_be_visible()
         expect(speaker.locator("#speaker-status")).to_have_text("You're muted.")
+
+        # Reactions: one from the speaker reaches the host's page within the second's tally.
+        speaker.get_by_role("button", name="React 👏").click()
+        expect(host.locator("#reaction-tally")).to_contain_text("👏 1")
+        # The host moves the speaker back to the audience: their stage controls go away.
+        host.get_by_role("button", name="Move to audience @sami").click()
+        expect(speaker.get_by_role("heading", name="You're on stage")).to_be_hidden()
+        expect(speaker.get_by_role("button", name="Request to speak")).to_be_visible()
+        expect(host.locator('.speaker-tile[data-handle="sami"]')).to_have_count(0)
 
         # The host ends the space (a second press confirms); every page says so and links the replay.
         host.get_by_role("button", name="End space").click()
@@ -310,14 +326,14 @@ def test_replay_page_plays_the_ended_space(site: Site) -> None:
     space_id = site.ended_space
     with httpx.Client(base_url=site.url) as http:
         deadline = time.monotonic() + 5
-        while (status := http.get(f"/hls/{space_id}/replay.m3u8").status_code) != 200:
+        while (status := (answer := http.get(f"/hls/{space_id}/replay.m3u8")).status_code) != 200:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.3)
         paths = http.get("/openapi.json").json()["paths"]
     if status == 404 and "/hls/{space_id}/replay.m3u8" not in paths:
         pytest.skip("GET /hls/{id}/replay.m3u8 is not in this checkout yet (recording, issue 6)")
-    assert status == 200, status
+    assert status == 200, answer.text
     context, page, errors = new_page(site)
     try:
         page.goto(f"{site.url}/spaces/{space_id}/replay")

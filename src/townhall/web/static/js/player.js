@@ -1,9 +1,11 @@
 // Playing HLS in an <audio> element: hls.js (served by this node from npm's package) where the
 // browser has Media Source Extensions, the browser's own HLS (Safari) otherwise.
 //
-// A listener ticket must reach every request under /hls/{id}/. The join response sets a
-// townhall_ticket cookie scoped there where the server supports it; the player also appends
-// ?ticket= to every request hls.js makes, so playback never depends on the cookie.
+// The listener ticket: the join response sets it as the townhall_ticket cookie of /hls/{id}/,
+// so on this origin every request of the player carries it without a query string, and every
+// listener asks for the same URLs (what an edge cache wants). Renewing is joining again: the
+// cookie is replaced. Only when the playlist is on another origin (public_url pointing at a
+// CDN host) does the player append ?ticket= to each request itself.
 
 let HlsModule = null;
 
@@ -26,10 +28,11 @@ export class Player {
     this.onStatus = onStatus;
     this.hls = null;
     this.ticket = null;
+    this.carryTicket = false;
     this.onFatal = null;
   }
 
-  /** Renew the ticket used on the next requests (before it expires). */
+  /** A renewed ticket, for a player that carries it itself (the cookie is renewed by the join). */
   setTicket(ticket) {
     this.ticket = ticket;
   }
@@ -40,7 +43,10 @@ export class Player {
    */
   async play(url, { ticket = null, live = true } = {}) {
     this.stop();
+    const source = new URL(url, location.href);
+    this.carryTicket = Boolean(ticket) && source.origin !== location.origin;
     this.ticket = ticket;
+    if (!this.carryTicket) source.searchParams.delete("ticket"); // the cookie carries it
     const Hls = await loadHls().catch(() => null);
     if (Hls && Hls.isSupported()) {
       const hls = new Hls({
@@ -50,7 +56,7 @@ export class Player {
         liveDurationInfinity: live,
         manifestLoadingMaxRetry: 6,
         xhrSetup: (xhr, requestUrl) => {
-          xhr.open("GET", withTicket(requestUrl, this.ticket), true);
+          xhr.open("GET", this.carryTicket ? withTicket(requestUrl, this.ticket) : requestUrl, true);
         },
       });
       this.hls = hls;
@@ -64,13 +70,14 @@ export class Player {
         if (this.onFatal) this.onFatal(data);
       });
       hls.attachMedia(this.audio);
-      hls.loadSource(withTicket(url, ticket));
+      hls.loadSource(this.carryTicket ? withTicket(source.href, ticket) : source.href);
       await new Promise((resolve, reject) => {
         hls.once(Hls.Events.MANIFEST_PARSED, resolve);
         hls.once(Hls.Events.ERROR, (_e, data) => data.fatal && reject(new Error(data.details)));
       });
     } else if (this.audio.canPlayType("application/vnd.apple.mpegurl")) {
-      this.audio.src = withTicket(url, ticket);
+      // Safari keeps the cookie a ticketed playlist request sets, on any origin.
+      this.audio.src = this.carryTicket ? withTicket(source.href, ticket) : source.href;
     } else {
       throw new Error("this browser cannot play HLS audio");
     }
