@@ -290,11 +290,17 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         # Reactions: one from the speaker reaches the host's page within the second's tally.
         speaker.get_by_role("button", name="React 👏").click()
         expect(host.locator("#reaction-tally")).to_contain_text("👏 1")
-        # The host moves the speaker back to the audience: their stage controls go away.
-        host.get_by_role("button", name="Move to audience @sami").click()
+        # The host invites someone by handle; everyone sees the new tile.
+        host.get_by_label("Invite to speak").fill("lou")
+        host.get_by_role("button", name="Invite", exact=True).click()
+        expect(listener.locator('.speaker-tile[data-handle="lou"]')).to_have_count(1)
+        # The speaker leaves the stage; the host moves the invited one back to the audience.
+        speaker.get_by_role("button", name="Leave stage").click()
         expect(speaker.get_by_role("heading", name="You're on stage")).to_be_hidden()
         expect(speaker.get_by_role("button", name="Request to speak")).to_be_visible()
-        expect(host.locator('.speaker-tile[data-handle="sami"]')).to_have_count(0)
+        host.get_by_role("button", name="Move to audience @lou").click()
+        for handle in ("sami", "lou"):
+            expect(listener.locator(f'.speaker-tile[data-handle="{handle}"]')).to_have_count(0)
 
         # The host ends the space (a second press confirms); every page says so and links the replay.
         host.get_by_role("button", name="End space").click()
@@ -342,6 +348,7 @@ def test_replay_page_plays_the_ended_space(site: Site) -> None:
         expect(link).to_have_attribute("href", f"/api/v1/spaces/{space_id}/recording.m4a")
         page.wait_for_function("() => document.querySelector('#replay').currentTime > 1.0", timeout=15_000)
         assert page.evaluate("document.querySelector('#replay').duration") > 2
+        shoot(page, "replay")
         with httpx.Client(base_url=site.url) as http:
             head = http.get(f"/api/v1/spaces/{space_id}/recording.m4a", headers={"Range": "bytes=0-7"})
         assert head.status_code == 206 and head.content[4:8] == b"ftyp", head

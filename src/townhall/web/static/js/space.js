@@ -270,6 +270,7 @@ function speakerControls() {
   const mute = $("#mute");
   show($("#connect"), !stage.connected);
   show($("#mute"), stage.connected);
+  show($("#leave-stage"), onStage.role !== "host"); // the host's place is the stage: End instead
   mute.setAttribute("aria-pressed", String(onStage.muted));
   mute.textContent = onStage.muted ? "Unmute" : "Mute";
   if (stage.connected) {

@@ -105,17 +105,20 @@ export class StageConnection {
   async close({ notify = true } = {}) {
     const sessions = notify ? this.sessions : [];
     const token = this.token;
+    const peers = [this.publisher, this.subscriber];
     this.sessions = [];
-    for (const pc of [this.publisher, this.subscriber]) pc?.close();
     this.publisher = null;
     this.subscriber = null;
-    for (const track of this.mic?.getTracks() ?? []) track.stop();
-    this.mic = null;
-    this.roomAudio.srcObject = null;
+    // End the sessions first, then hang up: a closed peer connection makes the server drop
+    // the session on its own, and the DELETE would then find nothing (404).
     await Promise.all(sessions.map((url) => fetch(url, {
       method: "DELETE",
       headers: { Authorization: `Bearer ${token}` },
       keepalive: true,
     }).catch(() => {})));
+    for (const pc of peers) pc?.close();
+    for (const track of this.mic?.getTracks() ?? []) track.stop();
+    this.mic = null;
+    this.roomAudio.srcObject = null;
   }
 }
