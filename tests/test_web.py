@@ -349,6 +349,11 @@ def test_replay_page_plays_the_ended_space(site: Site) -> None:
         page.wait_for_function("() => document.querySelector('#replay').currentTime > 1.0", timeout=15_000)
         assert page.evaluate("document.querySelector('#replay').duration") > 2
         shoot(page, "replay")
+        # The host's replay post links here from their page.
+        page.goto(f"{site.url}/@hana")
+        expect(page.get_by_role("link", name="Play the replay").first).to_have_attribute(
+            "href", f"/spaces/{space_id}/replay"
+        )
         with httpx.Client(base_url=site.url) as http:
             head = http.get(f"/api/v1/spaces/{space_id}/recording.m4a", headers={"Range": "bytes=0-7"})
         assert head.status_code == 206 and head.content[4:8] == b"ftyp", head

@@ -113,7 +113,11 @@ export function spaceItem(space) {
 
 export function postItem(post) {
   const body = [el("p", { class: "post-text" }, post.text)];
-  if (post.space_id) body.push(el("a", { href: `/spaces/${post.space_id}` }, "Open the space"));
+  if (post.space_id && post.kind === "replay") {
+    body.push(el("a", { href: `/spaces/${post.space_id}/replay` }, "Play the replay"));
+  } else if (post.space_id) {
+    body.push(el("a", { href: `/spaces/${post.space_id}` }, "Open the space"));
+  }
   return el("li", { class: "post" },
     avatar(post.author),
     el("div", {},
