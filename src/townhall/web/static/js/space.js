@@ -121,27 +121,50 @@ function apply(next) {
   if (!events) reactions(doc.reactions.second, doc.reactions.counts);
 }
 
+// Tiles are rebuilt only when what they show changes (role, mute, hand, the viewer's powers);
+// the speaking ring and level are updated in place, so keyboard focus and screen readers are
+// not disturbed by the poll every 1.5 s.
+const tiles = new Map(); // handle -> {signature, li}
+
 function renderStage() {
   const list = $("#stage");
+  const manager = Boolean(isManager());
   const focused = document.activeElement?.dataset?.key;
   const items = doc.stage.map((s) => {
-    const muted = s.muted ? el("span", { class: "muted-mark", title: "muted" }, "🔇", el("span", { class: "visually-hidden" }, " muted")) : null;
-    const label = { host: "Host", cohost: "Co-host", speaker: "Speaker" }[s.role] ?? s.role;
-    const li = el("li", {
-      class: `speaker-tile${s.speaking ? " speaking" : ""}${s.muted ? " is-muted" : ""}`,
-      "data-handle": s.handle,
-    },
-    el("span", { class: "ring" }, avatar(s.handle)),
-    el("a", { class: "who", href: `/@${s.handle}` }, `@${s.handle}`),
-    el("span", { class: "role" }, label, muted, s.hand_raised ? " ✋" : null,
-      el("span", { class: "visually-hidden" }, s.speaking ? ", speaking" : "")));
-    li.style.setProperty("--level", String(s.level)); // CSSOM: allowed by the page's CSP
-    const controls = managerControls(s);
-    if (controls.length) li.append(el("span", { class: "controls" }, ...controls));
-    return li;
+    const signature = [s.role, s.muted, s.hand_raised, manager, onStage?.role].join("|");
+    let tile = tiles.get(s.handle);
+    if (!tile || tile.signature !== signature) {
+      tile = { signature, li: speakerTile(s) };
+      tiles.set(s.handle, tile);
+    }
+    tile.li.classList.toggle("speaking", s.speaking);
+    tile.li.style.setProperty("--level", String(s.level)); // CSSOM: allowed by the page's CSP
+    tile.li.querySelector(".speaking-text").textContent = s.speaking ? ", speaking" : "";
+    return tile.li;
   });
-  list.replaceChildren(...items);
-  if (focused) list.querySelector(`[data-key="${CSS.escape(focused)}"]`)?.focus();
+  for (const handle of [...tiles.keys()]) {
+    if (!doc.stage.some((s) => s.handle === handle)) tiles.delete(handle);
+  }
+  const current = [...list.children];
+  if (current.length !== items.length || current.some((li, i) => li !== items[i])) {
+    list.replaceChildren(...items);
+    if (focused) list.querySelector(`[data-key="${CSS.escape(focused)}"]`)?.focus();
+  }
+}
+
+function speakerTile(s) {
+  const muted = s.muted
+    ? el("span", { class: "muted-mark", title: "muted" }, "🔇", el("span", { class: "visually-hidden" }, " muted"))
+    : null;
+  const label = { host: "Host", cohost: "Co-host", speaker: "Speaker" }[s.role] ?? s.role;
+  const li = el("li", { class: `speaker-tile${s.muted ? " is-muted" : ""}`, "data-handle": s.handle },
+    el("span", { class: "ring" }, avatar(s.handle)),
+    el("a", { class: "who", href: `/@${s.handle}`, "data-key": `profile:${s.handle}` }, `@${s.handle}`),
+    el("span", { class: "role" }, label, muted, s.hand_raised ? " ✋" : null,
+      el("span", { class: "visually-hidden speaking-text" })));
+  const controls = managerControls(s);
+  if (controls.length) li.append(el("span", { class: "controls" }, ...controls));
+  return li;
 }
 
 function managerControls(s) {
