@@ -13,6 +13,7 @@ saved to ``tests/artifacts/``.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 import time
 import wave
@@ -130,7 +131,7 @@ class PageErrors:
 
 
 def new_page(site: Site) -> tuple[BrowserContext, Page, PageErrors]:
-    context = site.browser.new_context(viewport=DESKTOP)
+    context = site.browser.new_context(viewport=DESKTOP, locale="en-US", timezone_id="UTC")
     context.set_default_timeout(15_000)
     page = context.new_page()
     return context, page, PageErrors(page)
@@ -427,6 +428,28 @@ def test_keyboard_reaches_listen_and_every_control_is_labelled(site: Site) -> No
     finally:
         context.close()
         live.post(f"/api/v1/spaces/{space['id']}/end")
+
+
+def test_scheduled_space_page_turns_live_when_the_host_starts(site: Site) -> None:
+    host = site.server.client().as_token(site.server.client().login("lou", PASSWORD))
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    space = host.post("/api/v1/spaces", json={"title": "Later", "scheduled_for": when.isoformat()}).json()
+    context, page, errors = new_page(site)
+    try:
+        log_in(page, site, "hana", f"/spaces/{space['id']}")
+        expect(page.get_by_role("heading", name="This space hasn't started yet")).to_be_visible()
+        expect(page.locator("#starts-at")).to_contain_text(f"It starts {when:%b} {when.day}, {when.year}")
+        expect(page.get_by_role("button", name="Start space")).to_be_hidden()  # not hana's space
+        page.get_by_role("button", name="Remind me").click()
+        expect(page.get_by_role("button", name="Reminder set")).to_have_attribute("aria-pressed", "true")
+        assert host.get(f"/api/v1/spaces/{space['id']}").json()["reminders"] == ["hana"]
+        assert host.post(f"/api/v1/spaces/{space['id']}/start").status_code == 200
+        expect(page.get_by_role("button", name="Listen", exact=True)).to_be_visible(timeout=8_000)
+        expect(page.get_by_role("heading", name="This space hasn't started yet")).to_be_hidden()
+        assert errors.errors == [] and errors.unexpected_http() == []
+    finally:
+        context.close()
+        host.post(f"/api/v1/spaces/{space['id']}/end")
 
 
 def test_pages_without_hls_js_say_how_to_install_it(

@@ -71,12 +71,14 @@ def hls_js() -> Path | None:
 
 
 _SHELL = Template((TEMPLATES / "shell.html").read_text(encoding="utf-8"))
+# Every page's fragment, read once: they are package data and change only with the package.
+_BODIES = {path.stem: path.read_text(encoding="utf-8") for path in TEMPLATES.glob("*.html")}
 
 
 def render(page: str, title: str, **data: str) -> HTMLResponse:
     """The page ``page``: the shared shell around ``templates/{page}.html``, with ``data`` as
     ``data-*`` attributes of ``<main>`` for the page's module to read."""
-    body = (TEMPLATES / f"{page}.html").read_text(encoding="utf-8")
+    body = _BODIES[page]
     attrs = "".join(f' data-{k.replace("_", "-")}="{html.escape(v)}"' for k, v in data.items())
     text = _SHELL.substitute(title=html.escape(title), page=page, attrs=attrs, body=body)
     return HTMLResponse(text, headers=HEADERS)

@@ -517,7 +517,7 @@ async function main() {
   if (!(await refresh())) return;
   const tick = async () => {
     if (doc?.state !== "ended") await refresh();
-    setTimeout(tick, doc?.state === "scheduled" ? 5000 : POLL_MS);
+    setTimeout(tick, doc?.state === "scheduled" ? 3000 : POLL_MS);
   };
   setTimeout(tick, POLL_MS);
 }
