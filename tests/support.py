@@ -136,6 +136,12 @@ class Api:
     def as_token(self, token: str) -> Api:
         return Api(self.url, token, self.registry)
 
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.http.close()
 

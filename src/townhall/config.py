@@ -57,6 +57,9 @@ class Config:
     # retention sweep runs; how long a replay request right after the end waits for the
     # packager's "finished" marker before serving what is already on disk.
     recording_retention_days: int = 0
+    # After a node restart (a crash, a deploy), live spaces resume; one whose host has not
+    # reconnected (WHIP) within this many seconds is ended and its replay published.
+    host_grace_seconds: float = 120.0
     recording_sweep_seconds: int = 3600
     replay_finish_wait_seconds: float = 0.5
     # Largest request body the control plane reads, in bytes.

@@ -49,7 +49,13 @@ class SpaceStream:
     def set_init(self, data: bytes) -> None:
         self.init = data
 
-    def add_part(self, part: PartReady) -> None:
+    def add_part(self, part: PartReady, seq: int = 0) -> None:
+        """A new part; ``seq`` is its number in the space's recording. The first part of a
+        space that ran before this node started (it resumed after a restart) continues the
+        media sequence past what earlier listeners may have seen, after a discontinuity."""
+        if seq and not self.segments and self._building is None:
+            self._next_msn = max(self._next_msn, seq // self.segment_parts + 1)
+            self._discontinuity = True
         b = self._building
         if b is None:
             b = self._building = _Building(self._next_msn, part.start, [], [], self._discontinuity)

@@ -25,6 +25,7 @@ from townhall.events import (
 )
 from townhall.security.passwords import PasswordHasher
 from townhall.security.signing import Signer, load_or_create_key_set
+from townhall.spaces import service
 from townhall.spaces.grants import PURPOSE as GRANT_PURPOSE
 from townhall.spaces.grants import GrantBook
 from townhall.spaces.live import LiveHub
@@ -100,6 +101,7 @@ class Node:
         await self.database.migrate()
         await self.hub.start()
         self._tasks.append(asyncio.create_task(self._follow_revocations()))
+        self._tasks.append(asyncio.create_task(self._resume_live_spaces()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -142,3 +144,29 @@ class Node:
                 event = await queue.get()
                 if isinstance(event, SpeakerRevoked):
                     self.grants.revoke(event.grant_id, self.clock())
+
+    async def _resume_live_spaces(self) -> None:
+        """After a restart, every space still live in the database gets its stage back (the
+        recording continues in a new epoch, after a discontinuity); a space whose host has not
+        reconnected within ``host_grace_seconds`` is ended and its replay published, so that
+        nothing is left half-finished."""
+        async with self.database.session() as db:
+            live = await service.live_space_hosts(db)
+        if not live:
+            return
+        resumed_at = time.time()
+        for space_id, _ in live:
+            logger.info("resuming a live space after a restart", extra={"space": space_id})
+            try:
+                await self.stage.start_space(space_id)
+            except StageError:
+                logger.exception("could not resume a space", extra={"space": space_id})
+        await asyncio.sleep(self.config.host_grace_seconds)
+        for space_id, host_id in live:
+            if self.stage.speaker_seen_since(space_id, speaker_key(host_id), resumed_at):
+                continue
+            async with self.database.session() as db:
+                outcome = await service.end_abandoned(db, space_id, now=self.clock())
+            if outcome.events:
+                logger.warning("host did not return; space ended", extra={"space": space_id})
+                await self.publish(outcome)

@@ -224,6 +224,24 @@ async def end_space(db: AsyncSession, actor: Principal, space_id: str, *, now: f
     return out
 
 
+async def live_space_hosts(db: AsyncSession) -> list[tuple[str, int]]:
+    """(space id, host account id) of every live space: what a restarting node resumes."""
+    rows = await db.execute(select(Space.id, Space.host_id).where(Space.state == "live").order_by(Space.id))
+    return [(space_id, host_id) for space_id, host_id in rows]
+
+
+async def end_abandoned(db: AsyncSession, space_id: str, *, now: float) -> Outcome:
+    """End a live space whose host never came back after a restart (the system finaliser):
+    the same end as the host's own, replay post included. Nothing if it is no longer live."""
+    space = await _lock(db, space_id, states=("scheduled", "live", "ended"))
+    if space.state != "live":
+        await db.rollback()
+        return Outcome()
+    out = await close_space(db, space, now=now)
+    await db.commit()
+    return out
+
+
 async def close_space(db: AsyncSession, space: Space, *, now: float) -> Outcome:
     """The end itself, inside the caller's transaction (the caller holds ``_lock`` and commits):
     the state, every grant revoked, and, for a recorded space that went live, the host's replay

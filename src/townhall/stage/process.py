@@ -22,6 +22,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,6 +73,7 @@ class StageProcess:
         self.pid: int | None = None
         self.restarts = 0
         self._live: set[str] = set()
+        self._whip_opened: dict[tuple[str, str], float] = {}
         self._channel: Channel | None = None
         self._ready = asyncio.Event()
         self._stopping = False
@@ -189,7 +191,7 @@ class StageProcess:
         op = message["op"]
         if op == "part":
             part = PartReady(message["space"], payload, float(message["duration"]), float(message["start"]))
-            self.origin.attach(part.space_id).add_part(part)
+            self.origin.attach(part.space_id).add_part(part, seq=int(message["seq"]))
         elif op == "init":
             self.origin.attach(message["space"]).set_init(payload)
         elif op == "levels":
@@ -207,6 +209,10 @@ class StageProcess:
             self.sessions.pop(message["peer"], None)
 
     # -- what the node asks --------------------------------------------------------------------
+
+    def speaker_seen_since(self, space_id: str, speaker: str, since: float) -> bool:
+        """Whether ``speaker`` opened a WHIP session in the space at or after ``since``."""
+        return self._whip_opened.get((space_id, speaker), 0.0) >= since
 
     def levels(self, space_id: str) -> dict[str, float]:
         return dict(self.levels_by_space.get(space_id, {}))
@@ -236,6 +242,7 @@ class StageProcess:
         self._live.add(space_id)
         r = await self._request("whip", space=space_id, speaker=speaker, grant=grant_id, muted=muted, sdp=sdp)
         self.sessions[r["peer"]] = Session(space_id, "whip", speaker, grant_id)
+        self._whip_opened[(space_id, speaker)] = time.time()
         return str(r["peer"]), str(r["answer"])
 
     async def open_whep(self, space_id: str, who: str, grant_id: str, sdp: str) -> tuple[str, str]:
