@@ -10,6 +10,7 @@ at most the target (RFC 8216bis §4.4.4.9 requires part durations ≤ PART-TARGE
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import logging
@@ -81,7 +82,10 @@ class Packager:
         self._reader = BoxReader()
         self._init = b""
         self._pending_moof: bytes | None = None
-        self._origin_wall: float | None = None
+        # (first sample's pts, wall-clock time) of each frame fed to the encoder, so that a
+        # part's start is the wall-clock time of its own first sample: a stall that skipped
+        # mixer ticks shows as a jump in EXT-X-PROGRAM-DATE-TIME, not as a drift after it.
+        self._walls: collections.deque[tuple[int, float]] = collections.deque()
         self._thread = threading.Thread(target=self._run, name=f"packager-{space_id}", daemon=True)
         self._thread.start()
 
@@ -114,9 +118,19 @@ class Packager:
             elif box.type == b"mdat" and self._pending_moof is not None:
                 moof = Box(b"moof", self._pending_moof)
                 samples = sample_count(moof) * AAC_FRAME
-                start = (self._origin_wall or 0.0) + base_decode_time(moof) / RATE
+                start = self._wall_at(base_decode_time(moof))
                 self.on_part(PartReady(self.space_id, self._pending_moof + box.data, samples / RATE, start))
                 self._pending_moof = None
+
+    def _wall_at(self, pts: int) -> float:
+        """The wall-clock time of sample ``pts``, from the frame that held it."""
+        walls = self._walls
+        while len(walls) > 1 and walls[1][0] <= pts:
+            walls.popleft()
+        if not walls:
+            return 0.0
+        first_pts, wall = walls[0]
+        return wall + (pts - first_pts) / RATE
 
     def _run(self) -> None:
         fragment_us = int((self.part_target - AAC_FRAME / RATE) * 1_000_000) + 1
@@ -138,8 +152,7 @@ class Packager:
                 if item is None:
                     break
                 samples, wall = item
-                if self._origin_wall is None:
-                    self._origin_wall = wall
+                self._walls.append((pts, wall))
                 frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
                 frame.sample_rate = RATE
                 frame.pts = pts
