@@ -119,3 +119,17 @@ def test_vod_playlist_with_an_init_segment_per_epoch_golden() -> None:
     assert pl.is_endlist and pl.playlist_type == "vod"
     assert [s.init_section.uri for s in pl.segments] == ["replay/e0.mp4"] * 3 + ["replay/e1.mp4"] * 2
     assert [s.discontinuity for s in pl.segments] == [False, False, False, True, False]
+
+
+def test_discontinuity_sequence_counts_the_discontinuities_that_left_the_window() -> None:
+    """RFC 8216bis §4.4.3.3: once a discontinuity is no longer in the live playlist,
+    EXT-X-DISCONTINUITY-SEQUENCE says how many came before the first segment shown."""
+    segs = segments(12, 1, discontinuity_at=3)  # the window shows the last 6 complete segments
+    text = render_live(SPEC, segs)
+    pl = m3u8.loads(text)
+    assert pl.media_sequence > 3 and "#EXT-X-DISCONTINUITY-SEQUENCE:1" in text
+    assert "#EXT-X-DISCONTINUITY\n" not in text
+    assert "#EXT-X-DISCONTINUITY-SEQUENCE:3" in render_live(SPEC, segs, discontinuities_before=2)
+    shown = render_live(SPEC, segments(12, 1, discontinuity_at=11))  # still in the window
+    assert "#EXT-X-DISCONTINUITY\n" in shown and "DISCONTINUITY-SEQUENCE" not in shown
+    assert "DISCONTINUITY-SEQUENCE" not in render_live(SPEC, segments(6, 2))  # golden files unchanged

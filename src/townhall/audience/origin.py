@@ -42,6 +42,7 @@ class SpaceStream:
         self._changed = asyncio.Event()
         self._playlist: str | None = None
         self._discontinuity = False
+        self._discontinuities_evicted = 0
         self.ended = False
 
     # -- from the packager ---------------------------------------------------------------------
@@ -100,6 +101,7 @@ class SpaceStream:
     def _evict(self) -> None:
         while len(self.segments) > RETAIN_SEGMENTS:
             old = self.segments.pop(0)
+            self._discontinuities_evicted += old.discontinuity
             self.segment_bytes.pop(old.msn, None)
             for i in range(self.segment_parts):
                 self.part_bytes.pop((old.msn, i), None)
@@ -110,7 +112,9 @@ class SpaceStream:
         if not self.segments:
             return None
         if self._playlist is None:
-            self._playlist = render_live(self.spec, self.segments)
+            self._playlist = render_live(
+                self.spec, self.segments, discontinuities_before=self._discontinuities_evicted
+            )
         return self._playlist
 
     async def wait_for(self, msn: int, part: int | None, within: float) -> bool:

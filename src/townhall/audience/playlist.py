@@ -86,8 +86,19 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def render_live(spec: PlaylistSpec, segments: Sequence[Segment], *, init_uri: str = "init.mp4") -> str:
-    """The live LL-HLS playlist for ``segments`` (oldest first; the last may be incomplete)."""
+def render_live(
+    spec: PlaylistSpec,
+    segments: Sequence[Segment],
+    *,
+    init_uri: str = "init.mp4",
+    discontinuities_before: int = 0,
+) -> str:
+    """The live LL-HLS playlist for ``segments`` (oldest first; the last may be incomplete).
+
+    ``discontinuities_before`` counts the discontinuities of segments no longer in
+    ``segments``: with those still held but outside the window, it gives
+    ``EXT-X-DISCONTINUITY-SEQUENCE`` (§4.4.3.3), written once a discontinuity has left the
+    playlist so that players keep their timelines apart."""
     if not segments:
         raise ValueError("a live playlist needs at least one segment or part")
     complete = [s for s in segments if s.complete]
@@ -102,8 +113,13 @@ def render_live(spec: PlaylistSpec, segments: Sequence[Segment], *, init_uri: st
         f"#EXT-X-PART-INF:PART-TARGET={_fmt(spec.part_target)}",
         f"#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={_fmt(spec.part_hold_back)}",
         f"#EXT-X-MEDIA-SEQUENCE:{first.msn}",
-        f'#EXT-X-MAP:URI="{init_uri}"',
     ]
+    # The first shown segment's own discontinuity is not tagged (nothing precedes it here), so
+    # it counts in the sequence number, as every one before it does.
+    sequence = discontinuities_before + sum(1 for s in segments if s.discontinuity and s.msn <= first.msn)
+    if sequence:
+        lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{sequence}")
+    lines.append(f'#EXT-X-MAP:URI="{init_uri}"')
     # Parts are listed for the segments within three target durations of the live edge.
     edge_window = 3 * spec.target_duration
     listed_from = len(shown)
