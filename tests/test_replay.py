@@ -7,11 +7,13 @@ as the stage writes them during a space."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import m3u8
@@ -66,11 +68,33 @@ def world(backend: str, tmp_path: Path) -> Iterator[World]:
         yield World(server, LocalMediaStore(config.data / "media"), admin, host, fan, other, anonymous)
 
 
-def recorded_space(world: World, title: str = "Town hall", *, finish: bool = True) -> str:
-    space_id = world.space(title)
-    store_epochs(world.store, space_id, EPOCHS, TONE, finish=finish)
+def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def recorded_space(world: World, title: str = "Town hall") -> str:
+    """A space whose first packager runs (``EPOCHS``, a tone) are in the store before it goes
+    live, as after a stage restart: the node's own stage, if it writes the store, continues in
+    the next epoch while the space is live, and writes ``finished`` after the end. Where no
+    stage does, the test writes the marker as the stage would."""
+    r = world.host.post("/api/v1/spaces", json={"title": title})
+    assert r.status_code == 201, r.text
+    space_id = str(r.json()["id"])
+    store_epochs(world.store, space_id, EPOCHS, TONE, finish=False)
+    assert world.host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
     world.end(space_id)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: world.store.is_finished(space_id), within=2.0)
+    if not world.store.is_finished(space_id):
+        world.store.finish(space_id)
     return space_id
+
+
+def stored_seconds(world: World, space_id: str) -> float:
+    return sum(p.duration for p in world.store.parts(space_id))
 
 
 def test_replay_playlist_and_its_objects(world: World) -> None:
@@ -81,13 +105,15 @@ def test_replay_playlist_and_its_objects(world: World) -> None:
     assert r.headers["content-type"].startswith("application/vnd.apple.mpegurl")
     assert r.headers["cache-control"] == "public, max-age=300"
     text = r.text
+    epochs_stored = world.store.epochs(space_id)
+    assert epochs_stored[: len(EPOCHS)] == list(range(len(EPOCHS)))
     assert "#EXT-X-PLAYLIST-TYPE:VOD" in text and text.rstrip().endswith("#EXT-X-ENDLIST")
-    assert text.count("#EXT-X-DISCONTINUITY") == len(EPOCHS) - 1
-    assert text.count("#EXT-X-MAP:") == len(EPOCHS)
+    assert text.count("#EXT-X-DISCONTINUITY") == len(epochs_stored) - 1
+    assert text.count("#EXT-X-MAP:") == len(epochs_stored)
     playlist = m3u8.loads(text, uri=f"{world.server.url}/hls/{space_id}/replay.m3u8")
     assert playlist.playlist_type == "vod" and playlist.is_endlist
     total = sum(s.duration for s in playlist.segments)
-    assert abs(total - sum(EPOCHS)) <= 0.5 * len(EPOCHS)
+    assert abs(total - stored_seconds(world, space_id)) < 0.01
     # Fetch everything the playlist names; decode each epoch (its init and its segments).
     epochs: list[bytes] = []
     current = b""
@@ -106,8 +132,8 @@ def test_replay_playlist_and_its_objects(world: World) -> None:
         assert int(media.headers["content-length"]) == len(media.content)
         current += media.content
     epochs.append(current)
-    assert len(epochs) == len(EPOCHS)
-    for data, seconds in zip(epochs, EPOCHS, strict=True):
+    assert len(epochs) == len(epochs_stored)
+    for data, seconds in zip(epochs, EPOCHS, strict=False):  # the tone's epochs (then live silence)
         samples, _ = decode_mono(data)
         assert abs(len(samples) / 48000 - seconds) <= 0.5
         assert tone_power(samples, 48000, TONE) > 0.9
@@ -140,9 +166,9 @@ def test_recording_m4a(world: World, tmp_path: Path) -> None:
         text=True,
         check=True,
     )
-    assert abs(float(json.loads(probe.stdout)["format"]["duration"]) - sum(EPOCHS)) <= 0.5
+    assert abs(float(json.loads(probe.stdout)["format"]["duration"]) - stored_seconds(world, space_id)) < 0.01
     samples, _ = decode_mono(body)
-    assert tone_power(samples, 48000, TONE) > 0.9
+    assert tone_power(samples[: int((sum(EPOCHS) - 0.5) * 48000)], 48000, TONE) > 0.9
     # HEAD: the same headers, no body.
     head = api.request("HEAD", path)
     assert head.status_code == 200 and head.content == b""
@@ -201,7 +227,8 @@ def test_a_space_not_recorded_leaves_nothing_behind(world: World) -> None:
     store_epochs(world.store, space_id, [3.0], finish=False)  # what live listeners were served
     assert world.store.has_space(space_id)
     world.end(space_id)
-    assert not world.store.has_space(space_id)
+    # Deleted once the packager has written its last part (bounded wait), after the answer.
+    wait_for(lambda: not world.store.has_space(space_id))
     assert not (world.server.config.data / "media" / space_id).exists()
     assert_error(world.anonymous.get(f"/hls/{space_id}/replay.m3u8"), 404, "not_recorded")
     assert_error(world.anonymous.get(f"/api/v1/spaces/{space_id}/recording.m4a"), 404, "not_recorded")
@@ -241,19 +268,48 @@ def test_path_tricks(world: World) -> None:
 
 
 def test_right_after_the_end_without_the_finished_marker(world: World) -> None:
-    """The end is posted while the packager has not yet written ``finished`` (or never will: it
-    died). The replay waits for the marker at most ``replay_finish_wait_seconds`` after the end,
-    then serves every durable part, briefly cacheable; once finished, it is final."""
-    space_id = recorded_space(world, finish=False)
+    """The packager died before writing ``finished`` (or is slower than the wait): past
+    ``replay_finish_wait_seconds`` after the end, the replay serves every durable part, briefly
+    cacheable; once the marker is written, the replay is final."""
+    space_id = recorded_space(world)
+    (world.store.space_dir(space_id) / "finished").unlink()
     began = time.monotonic()
     r = world.anonymous.get(f"/hls/{space_id}/replay.m3u8")
     assert r.status_code == 200 and time.monotonic() - began < 1.0
     assert r.headers["cache-control"] == "public, max-age=1"
     m4a = world.anonymous.get(f"/api/v1/spaces/{space_id}/recording.m4a")
     assert m4a.status_code == 200 and m4a.headers["cache-control"] == "no-cache"
+    assert int(m4a.headers["content-length"]) == len(m4a.content)
     world.store.finish(space_id)
     r = world.anonymous.get(f"/hls/{space_id}/replay.m3u8")
     assert r.headers["cache-control"] == "public, max-age=300"
+
+
+def test_a_replay_request_at_the_end_waits_for_the_marker(world: World) -> None:
+    """Asked the instant the space ends, before the last part is durable: the request waits
+    for the marker (here written 150 ms after the end) and serves the whole recording."""
+    space_id = world.space("Waiting", start=False)
+    store_epochs(world.store, space_id, [3.0], TONE, finish=False)
+    assert world.host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
+    world.end(space_id)
+    with contextlib.suppress(AssertionError):  # a stage of this node writes its own marker
+        wait_for(lambda: world.store.is_finished(space_id), within=2.0)
+    with contextlib.suppress(FileNotFoundError):
+        (world.store.space_dir(space_id) / "finished").unlink()
+    world.server.clock.advance(-5.0)  # the server's "now" is just after the end again
+    last = LocalMediaStore(world.store.root)
+
+    def late_packager() -> None:
+        time.sleep(0.15)
+        store_epochs(last, space_id, [1.0], TONE, finish=True)
+
+    writer = threading.Thread(target=late_packager)
+    writer.start()
+    r = world.anonymous.get(f"/hls/{space_id}/replay.m3u8")
+    writer.join()
+    assert r.status_code == 200
+    listed = m3u8.loads(r.text)
+    assert abs(sum(s.duration for s in listed.segments) - stored_seconds(world, space_id)) < 0.01
 
 
 def test_deletion_removes_media_and_posts(world: World) -> None:
@@ -312,8 +368,10 @@ def test_retention_sweep(world: World) -> None:
     # Leftovers the sweep also removes: a not-recorded space's last part written after the end,
     # and media whose space is gone.
     unrecorded = world.space("Unrecorded", recorded=False)
+    store_epochs(world.store, unrecorded, [1.0], finish=False)
     world.end(unrecorded)
-    store_epochs(world.store, unrecorded, [1.0])
+    wait_for(lambda: not world.store.has_space(unrecorded))  # deleted after the end
+    store_epochs(world.store, unrecorded, [1.0])  # a part written after the deletion
     store_epochs(world.store, "orphan", [1.0])
     now = world.server.clock()
     first = run_sweep(world.server, now, retention_days=0)  # 0: kept forever

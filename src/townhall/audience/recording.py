@@ -132,9 +132,30 @@ def init_with_duration(init: bytes, media_duration: int) -> bytes:
     )
 
 
+_last_layout = (-1, -1, -1)
+
+
 def _fields(moof: bytes) -> tuple[int, int, int]:
     """Offsets in a ``moof`` of the ``mfhd`` sequence number and the ``tfdt`` time, and the
-    ``tfdt`` version. Walks box headers only."""
+    ``tfdt`` version. Every part of a packager has the same layout, so the last one found is
+    tried first (checked by the box types at those offsets); else the box headers are walked."""
+    global _last_layout
+    seq_at, tfdt_at, version = _last_layout
+    if (
+        tfdt_at > 0
+        and seq_at > 0
+        and moof[4:8] == b"moof"
+        and moof[seq_at - 8 : seq_at - 4] == b"mfhd"
+        and moof[tfdt_at - 8 : tfdt_at - 4] == b"tfdt"
+        and moof[tfdt_at - 4] == version
+        and tfdt_at + (8 if version == 1 else 4) <= struct.unpack(">I", moof[:4])[0]
+    ):
+        return _last_layout
+    _last_layout = _walk(moof)
+    return _last_layout
+
+
+def _walk(moof: bytes) -> tuple[int, int, int]:
     if moof[4:8] != b"moof":
         raise ValueError("a part must begin with moof")
     end = struct.unpack(">I", moof[:4])[0]

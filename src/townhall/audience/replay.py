@@ -2,10 +2,11 @@
 the media store (synchronous: call it from a worker thread).
 
 A finished recording never changes, so its listing, plan and playlist are kept in a small
-in-memory cache, checked on each use against the ``finished`` marker (one ``stat``): deleting
-the space's media removes the marker and so invalidates the entry on any node sharing the
-files. An unfinished recording (the end was just posted; or the packager died and nobody has
-finalised it yet) is read afresh each time and served as far as it is durable.
+in-memory cache, checked on each use against the ``finished`` marker (one ``stat``: its inode
+and modification time): deleting the space's media, or writing the marker anew, invalidates the
+entry on any node sharing the files. An unfinished recording (the end was just posted; or the
+packager died and nobody has finalised it yet) is read afresh each time and served as far as
+it is durable.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ def init_uri(epoch: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Replay:
     space_id: str
-    finished: bool
+    finished_token: tuple[int, int] | None  # the marker this was built after; None: unfinished
     inits: dict[int, bytes]
     plan: RecordingPlan
     segments: dict[str, ReplaySegment]  # by name
     playlist: str
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_token is not None
 
     @property
     def parts(self) -> tuple[PartInfo, ...]:
@@ -52,7 +57,7 @@ class Replay:
 
 def build_replay(space_id: str, store: MediaStore, part_target: float) -> Replay | None:
     """Read a space's stored recording; None when nothing playable is stored."""
-    finished = store.is_finished(space_id)  # before the listing: a finished listing is whole
+    token = store.finished_token(space_id)  # before the listing: a finished listing is whole
     parts = store.parts(space_id)
     inits = {e: store.read_init(space_id, e) for e in store.epochs(space_id)}
     if not parts or not inits:
@@ -64,7 +69,7 @@ def build_replay(space_id: str, store: MediaStore, part_target: float) -> Replay
     segments = [
         Segment(
             msn=i,
-            parts=tuple(Part(k, p.duration) for k, p in enumerate(plan.parts[g.first : g.first + g.count])),
+            parts=(Part(0, g.duration),),  # only the segment's duration is written (EXTINF)
             start=g.start,
             complete=True,
             discontinuity=i > 0 and g.epoch != grouped[i - 1].epoch,
@@ -76,7 +81,7 @@ def build_replay(space_id: str, store: MediaStore, part_target: float) -> Replay
     spec = PlaylistSpec(part_target=part_target, segment_target=REPLAY_SEGMENT_SECONDS)
     return Replay(
         space_id=space_id,
-        finished=finished,
+        finished_token=token,
         inits=inits,
         plan=plan,
         segments={g.name: g for g in grouped},
@@ -92,23 +97,30 @@ class Replays:
         self.part_target = part_target
         self.capacity = capacity
         self._cache: collections.OrderedDict[str, Replay] = collections.OrderedDict()
+        self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, space_id: str) -> Replay | None:
-        finished = self.store.is_finished(space_id)
+        """The space's replay; concurrent callers share one build (the playlist and the file
+        are asked for together the moment a space ends)."""
         with self._lock:
-            cached = self._cache.get(space_id)
-            if cached is not None and finished:
-                self._cache.move_to_end(space_id)
-                return cached
-            self._cache.pop(space_id, None)
-        replay = build_replay(space_id, self.store, self.part_target)
-        if replay is not None and replay.finished:
+            building = self._building.setdefault(space_id, threading.Lock())
+        with building:
+            token = self.store.finished_token(space_id)
             with self._lock:
-                self._cache[space_id] = replay
-                while len(self._cache) > self.capacity:
-                    self._cache.popitem(last=False)
-        return replay
+                cached = self._cache.get(space_id)
+                if cached is not None and token is not None and cached.finished_token == token:
+                    self._cache.move_to_end(space_id)
+                    return cached
+                self._cache.pop(space_id, None)
+            replay = build_replay(space_id, self.store, self.part_target)
+            with self._lock:
+                if replay is not None and replay.finished:
+                    self._cache[space_id] = replay
+                    while len(self._cache) > self.capacity:
+                        self._cache.popitem(last=False)
+                self._building.pop(space_id, None)
+            return replay
 
     def forget(self, space_id: str) -> None:
         with self._lock:

@@ -25,11 +25,15 @@ from fastapi.responses import StreamingResponse
 
 from townhall.audience.replay import Replay, Replays
 from townhall.control.deps import DbDep, NodeDep, ReplaysDep, media_store
+from townhall.control.deps import replays as node_replays
 from townhall.control.node import Node
 from townhall.control.ranges import byte_range
 from townhall.control.routes.hls import MP4_TYPE, PLAYLIST_TYPE, _media
 from townhall.errors import NotFound
 from townhall.spaces import recordings
+from townhall.spaces.service import get_space
+from townhall.storage.media_store import MediaStore
+from townhall.storage.models import Space
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["replays"])
@@ -41,16 +45,50 @@ PROVISIONAL_CACHE = "public, max-age=1"
 POLL_SECONDS = 0.02
 
 
+async def await_finished(node: Node, store: MediaStore, space_id: str, ended_at: float) -> bool:
+    """Right after the end the packager may still be writing its last part: wait for its
+    ``finished`` marker until ``replay_finish_wait_seconds`` after the end (bounded)."""
+    deadline = ended_at + node.config.replay_finish_wait_seconds
+    # The marker is a file another process writes: polled (a stat every 20 ms), not awaited.
+    while not store.is_finished(space_id):
+        if node.clock() >= deadline:
+            return False
+        await asyncio.sleep(POLL_SECONDS)
+    return True
+
+
+_after_end_tasks: set[asyncio.Task[None]] = set()
+
+
+def after_end(node: Node, space: Space) -> None:
+    """What follows an end, off the request: once the packager's ``finished`` marker is down
+    (bounded wait), a recorded space's replay is built into the cache, so the first listener
+    does not wait for it; a space that was not recorded has its media deleted (the retention
+    sweep removes anything a packager writes later still)."""
+    task = asyncio.create_task(_after_end(node, space.id, space.recorded, space.ended_at or node.clock()))
+    _after_end_tasks.add(task)
+    task.add_done_callback(_after_end_tasks.discard)
+
+
+async def _after_end(node: Node, space_id: str, recorded: bool, ended_at: float) -> None:
+    store = media_store(node)
+    try:
+        finished = await await_finished(node, store, space_id, ended_at)
+        if recorded:
+            if finished:
+                await asyncio.to_thread(node_replays(node).get, space_id)
+            return
+        async with node.database.session() as db:
+            space = await get_space(db, space_id)
+            await recordings.discard_media(db, store, space, now=node.clock())
+    except Exception:
+        logger.exception("after the end of a space", extra={"space": space_id})
+
+
 async def _replay(space_id: str, node: Node, db: DbDep, replays: Replays) -> Replay:
     space = await recordings.replay_space(db, space_id)
     await db.close()  # a download may last minutes: hold no database connection meanwhile
-    ended_at = space.ended_at or 0.0
-    # Right after the end the packager may still be writing its last part: wait (bounded)
-    # for its "finished" marker, then serve what is durable.
-    deadline = ended_at + node.config.replay_finish_wait_seconds
-    # The marker is a file another process writes: polled (a stat every 20 ms), not awaited.
-    while not replays.store.is_finished(space_id) and node.clock() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(POLL_SECONDS)
+    await await_finished(node, replays.store, space_id, space.ended_at or 0.0)
     replay = await asyncio.to_thread(replays.get, space_id)
     if replay is None:
         raise NotFound("nothing of this space was recorded", code="no_recording")

@@ -23,6 +23,7 @@ from townhall.control.deps import (
     public_base,
 )
 from townhall.control.node import Node
+from townhall.control.routes import replay
 from townhall.control.routes.hls import set_ticket_cookie
 from townhall.control.schemas import (
     HandleBody,
@@ -42,7 +43,7 @@ from townhall.events import ReactionsTick, SpaceEnded, StageChanged
 from townhall.social import accounts
 from townhall.social.accounts import Principal
 from townhall.social.posts import require_active
-from townhall.spaces import recordings, service
+from townhall.spaces import service
 from townhall.spaces.reactions import EMOJI
 from townhall.storage.models import Account, Space, SpaceMember
 
@@ -134,9 +135,7 @@ async def start(request: Request, space_id: SpaceId, caller: Caller, node: NodeD
 
 
 @router.post("/spaces/{space_id}/end", response_model=SpaceOut)
-async def end(
-    request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep, store: MediaStoreDep
-) -> SpaceOut:
+async def end(request: Request, space_id: SpaceId, caller: Caller, node: NodeDep, db: DbDep) -> SpaceOut:
     """End the space (final). Every speaking grant is revoked. A recorded space's replay is
     published at once (`GET /hls/{id}/replay.m3u8`, `GET .../recording.m4a`, and a "Replay:"
     post by the host); a space that was not recorded has its media deleted."""
@@ -144,10 +143,8 @@ async def end(
     space = await service.get_space(db, space_id)
     host = await db.get(Account, space.host_id)
     assert host is not None
-    out = space_out(public_base(request, node), space, host.handle)
-    if not space.recorded:
-        await recordings.discard_media(db, store, space, now=node.clock())
-    return out
+    replay.after_end(node, space)
+    return space_out(public_base(request, node), space, host.handle)
 
 
 @router.delete("/spaces/{space_id}", status_code=204)
