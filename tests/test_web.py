@@ -454,6 +454,43 @@ def test_scheduled_space_page_turns_live_when_the_host_starts(site: Site) -> Non
         host.post(f"/api/v1/spaces/{space['id']}/end")
 
 
+def plays_on(page: Page, seconds: float = 1.0) -> None:
+    """The player's clock advances by ``seconds`` while it plays (hls.js may first jump to the
+    live edge, so the start is read, not assumed)."""
+    start = page.evaluate("document.querySelector('#player').currentTime")
+    page.wait_for_function(
+        "(t) => { const a = document.querySelector('#player'); return !a.paused && a.currentTime > t; }",
+        arg=start + seconds,
+    )
+
+
+def test_listener_whose_ticket_lapses_is_reconnected(site: Site) -> None:
+    """The node's clock jumps past the ticket's lifetime (a tab asleep for ten minutes, say):
+    the origin refuses the old ticket, hls.js gives up, and the page joins again and resumes."""
+    host = site.server.client().as_token(site.server.client().login("lou", PASSWORD))
+    space = host.post("/api/v1/spaces", json={"title": "Lapse"}).json()
+    assert host.post(f"/api/v1/spaces/{space['id']}/start").status_code == 200
+    context, page, errors = new_page(site)
+    joins: list[int] = []
+    page.on("response", lambda r: r.url.endswith("/join") and joins.append(r.status))
+    try:
+        page.goto(f"{site.url}/spaces/{space['id']}")
+        page.get_by_role("button", name="Listen", exact=True).click()
+        expect(page.get_by_role("button", name="Stop listening")).to_be_visible()
+        plays_on(page)
+        site.server.clock.advance(site.server.config.ticket_ttl_seconds + 60)
+        expect(page.locator("#player-status")).to_contain_text("reconnecting", timeout=15_000)
+        expect(page.get_by_role("button", name="Stop listening")).to_be_visible(timeout=20_000)
+        plays_on(page)
+        assert joins == [200, 200], joins
+        assert errors.errors == []
+        assert {s for s, _ in errors.unexpected_http()} == {403}, errors.http  # the lapsed ticket
+    finally:
+        context.close()
+        site.server.clock.advance(-(site.server.config.ticket_ttl_seconds + 60))
+        host.post(f"/api/v1/spaces/{space['id']}/end")
+
+
 def test_pages_without_hls_js_say_how_to_install_it(
     site: Site, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -236,10 +236,13 @@ async function listen() {
     playerStatus("Connecting to the live audio…");
     await player.play(ticket.hls_url, { ticket: ticket.ticket, live: true });
     listening = true;
+    setTimeout(() => {
+      if (listening) recoveries = 0; // a minute of good playback earns the retries back
+    }, 60_000);
     scheduleRenewal(ticket.expires_at);
     show(button, false);
     show($("#stop"), true);
-    $("#stop").focus();
+    if (document.activeElement === button || document.activeElement === document.body) $("#stop").focus();
     $("#live-meter").classList.add("on");
     playerStatus("Listening live.");
     clearInterval(latencyTimer);
@@ -259,6 +262,23 @@ async function listen() {
     joinAbort = null;
   }
 }
+
+// A fatal player error while the space is live (the node restarted, a network cut, a ticket
+// that lapsed while the tab slept): join again and resume, a few times, then give up politely.
+let recoveries = 0;
+player.onFatal = () => {
+  if (!listening) return;
+  stopListening();
+  if (doc?.state !== "live" || recoveries >= 5) {
+    playerStatus(doc?.state === "live" ? "The live audio stopped. Press Listen to try again." : "");
+    return;
+  }
+  recoveries += 1;
+  playerStatus("The live audio stopped; reconnecting…");
+  setTimeout(() => {
+    if (doc?.state === "live" && !listening) listen();
+  }, 1000 * 2 ** recoveries);
+};
 
 function scheduleRenewal(expiresAt) {
   clearTimeout(renewTimer);
