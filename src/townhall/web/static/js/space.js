@@ -330,6 +330,7 @@ async function connect() {
     const grant = await post(api("/speaker-token"));
     if (listening) stopListening(); // the room comes over WHEP now, without the HLS delay
     await stage.connect(grant, { voiceProcessing: $("#voice-processing").checked });
+    renewGrant(grant.expires_at);
     show($("#listen-panel"), false);
     speakerControls();
     $("#mute").focus();
@@ -338,6 +339,23 @@ async function connect() {
   } finally {
     button.disabled = false;
   }
+}
+
+// The speaker token opens sessions and ends them (DELETE): keep a current one while connected.
+let grantTimer = 0;
+function renewGrant(expiresAt) {
+  clearTimeout(grantTimer);
+  const remaining = new Date(expiresAt).getTime() - Date.now();
+  grantTimer = setTimeout(async () => {
+    if (!stage.connected) return;
+    try {
+      const grant = await post(api("/speaker-token"));
+      stage.token = grant.speaker_token;
+      renewGrant(grant.expires_at);
+    } catch {
+      /* off stage by now: the state document will say so */
+    }
+  }, Math.max(5000, remaining * 0.8));
 }
 
 async function toggleMute() {
