@@ -130,3 +130,35 @@ def test_a_ticket_for_one_space_opens_no_other(live: Cast) -> None:
     # A refused ticket is never handed over as a cookie.
     refused = httpx.get(base_b + "live.m3u8", params={"ticket": ticket_a})
     assert "set-cookie" not in refused.headers
+
+
+def test_the_fast_path_answers_exactly_as_the_routes_do(live: Cast) -> None:
+    """Listener GETs in the common case are answered before routing (``hls.FastPath``); a request
+    it declines (here: a conditional that does not match, an unknown parameter) takes the
+    FastAPI route. Both must give the same status, bytes and headers."""
+    ticket = live.listener.post(live.path("/join")).json()["ticket"]
+    base = f"{live.server.url}/hls/{live.space_id}/"
+    with httpx.Client(timeout=30, cookies={COOKIE: ticket}) as c:
+        playlist_when_ready(c, base + "live.m3u8")
+        pl = c.get(base + "live.m3u8", params={"_HLS_msn": 0})  # held until segment 0 is whole
+        names = ["init.mp4", parse_media_playlist(pl.text).parts[-1].uri]
+        names.append(next(s.uri for s in parse_media_playlist(pl.text).segments if s.complete))
+        same = ("cache-control", "etag", "content-type", "content-length", "accept-ranges")
+        for name in names:
+            for method in ("GET", "HEAD"):
+                fast = c.request(method, base + name)
+                routed = c.request(method, base + name, headers={"If-None-Match": '"not-it"'})
+                assert fast.status_code == routed.status_code == 200, (name, method)
+                assert fast.content == routed.content
+                assert {h: fast.headers.get(h) for h in same} == {h: routed.headers.get(h) for h in same}
+        for _ in range(5):  # a part may land between the two requests
+            fast, routed = c.get(base + "live.m3u8"), c.get(base + "live.m3u8", params={"x": "1"})
+            if fast.content == routed.content:
+                break
+        assert fast.status_code == routed.status_code == 200 and fast.content == routed.content
+        assert {h: fast.headers[h] for h in ("cache-control", "content-type", "content-length")} == {
+            h: routed.headers[h] for h in ("cache-control", "content-type", "content-length")
+        }
+        metrics = httpx.get(f"{live.server.url}/metrics").text
+        assert 'route="/hls/{space_id}/{name}",status="200"' in metrics
+        assert 'route="/hls/{space_id}/live.m3u8",status="200"' in metrics

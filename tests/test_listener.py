@@ -122,10 +122,11 @@ def test_library_listener_as_an_account_records_m4a_and_its_parts_in_order(
     keys = [a.arrival.part.key for a in heard]
     for (m0, i0), (m1, i1) in itertools.pairwise(keys):
         assert (m1, i1) in ((m0, i0 + 1), (m0 + 1, 0)), keys
-    # Each part starts where the previous one ended, on the PROGRAM-DATE-TIME clock.
+    # Each part starts where the previous one ended, on the PROGRAM-DATE-TIME clock (to the
+    # playlist's precision: milliseconds, and durations of 3 decimals summed over 4 parts).
     starts = [a.arrival.part for a in heard]
     for a, b in itertools.pairwise(starts):
-        assert abs(b.start - (a.start + a.duration)) < 0.002
+        assert abs(b.start - (a.start + a.duration)) < 0.004
     # The m4a is the init segment and the parts as received: it decodes to the tone.
     audio = decode_file(out)
     assert abs(len(audio) / RATE - result.audio_seconds) < 0.1

@@ -76,6 +76,7 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     registry.register(StageCollector(node.stage))
+    app.add_middleware(hls.FastPath)  # inside the metrics: listener requests are counted too
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=node.config.max_body_bytes)
 

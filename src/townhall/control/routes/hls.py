@@ -23,10 +23,11 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from townhall.admission.tickets import Ticket, TicketError
 from townhall.audience.origin import SpaceStream
-from townhall.audience.playlist import BlockingRequestError, check_blocking_request
+from townhall.audience.playlist import BlockingRequestError, check_blocking_request, has_part
 from townhall.control.deps import NodeDep
 from townhall.control.node import Node
 from townhall.errors import BadRequest, Forbidden, NotFound, NotYetAvailable, RangeNotSatisfiable
@@ -174,3 +175,157 @@ async def media_object(
     if data is None:
         raise NotFound("no such segment or part (yet, or any more)", code="not_found")
     return _media(request, data, f'"{space_id}-{name}"', MP4_TYPE)
+
+
+# -- the fast path -------------------------------------------------------------------------------
+# Listener GETs are the origin's whole load, and nearly all of them are the common case: a good
+# ticket, an object in memory, no Range, no conditional, nothing to hand over. Through FastAPI's
+# routing (every included router is tried in turn), dependency injection, validation and
+# response classes that case cost several times what the work does (BENCHMARKS.md, "Audience").
+# ``FastPath`` answers exactly that case in raw ASGI before routing, and passes everything else
+# on to the routes above: errors, Range, 304, blocking reloads that must wait or are invalid,
+# and the Set-Cookie hand-over keep a single implementation there.
+
+_HLS_PATH = re.compile(r"/hls/([A-Za-z0-9]{1,16})/([A-Za-z0-9.]{1,64})")
+
+
+class _Template:
+    """What ``MetricsMiddleware`` reads from ``scope["route"]``: the route's path template."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+_ROUTES = {
+    "live_playlist": _Template("/hls/{space_id}/live.m3u8"),
+    "init_segment": _Template("/hls/{space_id}/init.mp4"),
+    "media_object": _Template("/hls/{space_id}/{name}"),
+}
+
+
+class FastPath:
+    """ASGI middleware: the common case of a listener GET/HEAD under ``/hls/``, answered before
+    routing; every other request goes on to ``app`` untouched. Install it inside the metrics
+    middleware so that what it answers is counted under the same route templates."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/hls/"):
+            m = _HLS_PATH.fullmatch(scope["path"])
+            if m is not None:
+                name = m.group(2)
+                route = {"live.m3u8": "live_playlist", "init.mp4": "init_segment"}.get(name, "media_object")
+                scope["path_params"] = {"space_id": m.group(1), "name": name}
+                scope["route"] = _ROUTES[route]  # routing sets both again if this declines
+                if await _fast(route, scope, send):
+                    return
+        await self.app(scope, receive, send)
+
+
+_ID = re.compile(r"[A-Za-z0-9]{1,16}")
+_MP4 = MP4_TYPE.encode()
+_M3U8 = PLAYLIST_TYPE.encode()
+_IMMUTABLE = IMMUTABLE.encode()
+_LIVE_CACHE = b"public, max-age=0, must-revalidate"
+_COOKIE = TICKET_COOKIE.encode()
+# The last playlist text of each stream, encoded once (SpaceStream renders a new str per change).
+_encoded: dict[str, tuple[str, bytes]] = {}
+
+
+def _cookie(header: bytes) -> bytes | None:
+    for chunk in header.split(b";"):
+        name, _, value = chunk.strip().partition(b"=")
+        if name == _COOKIE:
+            return value
+    return None
+
+
+def _number(value: bytes, top: int) -> int | None:
+    return int(value) if value.isdigit() and len(value) <= 10 and int(value) <= top else None
+
+
+async def _fast(route: str, scope: Scope, send: Send) -> bool:
+    """Answer the common case of a listener GET/HEAD; False (nothing sent) for anything else."""
+    if scope["method"] not in ("GET", "HEAD"):
+        return False
+    space_id = scope["path_params"].get("space_id", "")
+    if not _ID.fullmatch(space_id):
+        return False
+    cookie = None
+    for key, value in scope["headers"]:
+        if key == b"cookie":
+            cookie = _cookie(value)
+        elif key in (b"range", b"if-none-match"):
+            return False
+    query_ticket = None
+    msn = part = None
+    if scope["query_string"]:
+        for pair in scope["query_string"].split(b"&"):
+            key, _, value = pair.partition(b"=")
+            if key == b"ticket" and b"%" not in value:
+                query_ticket = value
+            elif key == b"_HLS_msn" and route == "live_playlist":
+                if (msn := _number(value, 10**9)) is None:
+                    return False
+            elif key == b"_HLS_part" and route == "live_playlist":
+                if (part := _number(value, 999)) is None:
+                    return False
+            else:
+                return False
+    token = query_ticket or cookie
+    if not token or len(token) > 1024:
+        return False
+    node: Node = scope["app"].state.node
+    try:
+        node.tickets.check(token.decode("ascii"), space_id, node.clock())
+    except (TicketError, UnicodeDecodeError):
+        return False
+    stream = node.origin.streams.get(space_id)
+    if stream is None:
+        return False
+    if route == "live_playlist":
+        if query_ticket is not None and cookie != query_ticket:
+            return False  # the route hands the ticket over as a cookie
+        if msn is None:
+            if part is not None:
+                return False
+            cache = _LIVE_CACHE
+        elif (part is not None and part >= stream.segment_parts) or not has_part(stream.segments, msn, part):
+            return False  # invalid, or it has to wait: the route does both
+        else:
+            cache = f"public, max-age={6 * stream.spec.target_duration}".encode()
+        text = stream.playlist()
+        if text is None:
+            return False
+        last = _encoded.get(space_id)
+        if last is None or last[0] is not text:
+            last = _encoded[space_id] = (text, text.encode())
+        body, kind, headers = last[1], _M3U8, [(b"cache-control", cache)]
+    else:
+        if route == "init_segment":
+            data, name = stream.init, "init"
+        else:
+            name = scope["path_params"].get("name", "")
+            m = MEDIA.fullmatch(name)
+            if m is None:
+                return False
+            msn = int(m.group(1))
+            data = (
+                stream.segment_bytes.get(msn)
+                if m.group(2) is None
+                else stream.part_bytes.get((msn, int(m.group(2))))
+            )
+        if data is None:
+            return False
+        body, kind = data, _MP4
+        headers = [
+            (b"cache-control", _IMMUTABLE),
+            (b"etag", f'"{space_id}-{name}"'.encode()),
+            (b"accept-ranges", b"bytes"),
+        ]
+    headers += [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+    return True
