@@ -185,16 +185,21 @@ def _walk(moof: bytes) -> tuple[int, int, int]:
 
 def patch_part(data: bytes, *, sequence: int, decode_time: int) -> bytes:
     """A part with its ``mfhd`` sequence number and ``tfdt`` time replaced (same size)."""
-    seq_at, tfdt_at, version = _fields(data)
     out = bytearray(data)
-    struct.pack_into(">I", out, seq_at, sequence)
+    _patch_into(out, 0, data, sequence, decode_time)
+    return bytes(out)
+
+
+def _patch_into(out: bytearray, at: int, data: bytes, sequence: int, decode_time: int) -> None:
+    """Patch the part ``data``, already copied into ``out`` at ``at``, in place."""
+    seq_at, tfdt_at, version = _fields(data)
+    struct.pack_into(">I", out, at + seq_at, sequence)
     if version == 1:
-        struct.pack_into(">Q", out, tfdt_at, decode_time)
+        struct.pack_into(">Q", out, at + tfdt_at, decode_time)
     elif decode_time < 2**32:
-        struct.pack_into(">I", out, tfdt_at, decode_time)
+        struct.pack_into(">I", out, at + tfdt_at, decode_time)
     else:
         raise ValueError("a version 0 tfdt cannot hold this decode time")
-    return bytes(out)
 
 
 # -- the single file -------------------------------------------------------------------------------
@@ -222,35 +227,41 @@ class RecordingPlan:
         return patch_part(stored, sequence=index + 1, decode_time=self.decode_times[index])
 
     def chunks(
-        self, start: int, stop: int, read: Callable[[PartInfo], bytes], chunk_bytes: int = 1 << 20
+        self, start: int, stop: int, read: Callable[[PartInfo], bytes], chunk_bytes: int = 4 << 20
     ) -> Iterator[bytes]:
         """Bytes ``[start, stop)`` of the file, about ``chunk_bytes`` at a time; ``read`` gives a
-        part's stored bytes. Only the parts that overlap the range are read."""
+        part's stored bytes. Only the parts that overlap the range are read. Each chunk is one
+        buffer: parts are copied in and patched in place (no per-part intermediate copies)."""
         if not 0 <= start <= stop <= self.size:
             raise ValueError(f"range {start}-{stop} outside the file ({self.size} bytes)")
-        buffer: list[bytes] = []
-        pending = 0
         pos = start
         init_size = len(self.init)
         if pos < init_size:
             piece = self.init[pos : min(stop, init_size)]
-            buffer.append(piece)
-            pending += len(piece)
             pos += len(piece)
-        index = bisect.bisect_right(self.offsets, pos) - 1
+            if piece:
+                yield piece
+        offsets, count = self.offsets, len(self.parts)
+        index = bisect.bisect_right(offsets, pos) - 1
         while pos < stop:
-            offset = self.offsets[index]
-            data = self.part_bytes(index, read(self.parts[index]))
-            piece = data[pos - offset : min(stop - offset, len(data))]
-            buffer.append(piece)
-            pending += len(piece)
-            pos += len(piece)
-            index += 1
-            if pending >= chunk_bytes:
-                yield b"".join(buffer)
-                buffer, pending = [], 0
-        if buffer:
-            yield b"".join(buffer)
+            first = index
+            base = offsets[first]
+            end = base
+            while index < count and end < stop and (index == first or end - base < chunk_bytes):
+                end = offsets[index + 1] if index + 1 < count else self.size
+                index += 1
+            buffer = bytearray(end - base)
+            for i in range(first, index):
+                info = self.parts[i]
+                data = read(info)
+                if len(data) != info.size:
+                    raise ValueError(f"part {info.seq} is {len(data)} bytes, not {info.size}")
+                at = offsets[i] - base
+                buffer[at : at + info.size] = data
+                _patch_into(buffer, at, data, i + 1, self.decode_times[i])
+            lo, hi = pos - base, min(stop, end) - base
+            yield bytes(buffer) if (lo, hi) == (0, len(buffer)) else bytes(memoryview(buffer)[lo:hi])
+            pos = base + hi
 
 
 def plan_recording(inits: Mapping[int, bytes], parts: Sequence[PartInfo]) -> RecordingPlan:

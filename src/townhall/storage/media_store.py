@@ -253,7 +253,7 @@ class LocalMediaStore:
         # Plain strings and os calls: pathlib and buffered files cost more than the read itself
         # when a whole recording (22,000 parts for 3 hours) is streamed.
         name = info.name or part_name(info, info.size)
-        if _PART.fullmatch(name) is None:
+        if "/" in name or name[:1] != "p":  # a listed name matched the pattern already
             raise MediaStoreError(f"invalid part name {name!r}")
         if not _SPACE_ID.fullmatch(space_id):
             raise MediaStoreError(f"invalid space id {space_id!r}")
