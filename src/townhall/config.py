@@ -62,6 +62,9 @@ class Config:
     host_grace_seconds: float = 120.0
     recording_sweep_seconds: int = 3600
     replay_finish_wait_seconds: float = 0.5
+    # The web pages' npm packages (hls.js): a node_modules directory. Empty: the repository's
+    # (a checkout or an editable install), else ./node_modules.
+    web_node_modules: str = ""
     # Largest request body the control plane reads, in bytes.
     max_body_bytes: int = 64 * 1024
     # Bearer sessions.

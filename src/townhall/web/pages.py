@@ -3,8 +3,9 @@
 The node serves everything a browser needs: the pages, ``/static/`` (our modules and CSS, part
 of the Python package) and ``/vendor/hls.mjs`` (hls.js, installed from the npm registry by
 ``npm ci`` into the repository's ``node_modules``; see ``package-lock.json``). Nothing is loaded
-from a third-party host. A wheel install carries no ``node_modules``: the pages that play audio
-then answer with a page saying how to install it, rather than failing in the browser.
+from a third-party host. A wheel install carries no ``node_modules`` (point the
+``web_node_modules`` setting at one): the pages that play audio then answer with a page saying
+how to install it, rather than failing in the browser.
 
 The pages hold no state of their own. They call the public JSON API with the bearer token kept
 in the browser's ``localStorage``, exactly as any other client would.
@@ -13,16 +14,16 @@ in the browser's ``localStorage``, exactly as any other client would.
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from string import Template
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from townhall.control.node import Node
 from townhall.spaces.reactions import EMOJI
 
 HERE = Path(__file__).resolve().parent
@@ -51,23 +52,27 @@ SpaceId = Annotated[str, PathParam(min_length=1, max_length=16, pattern="^[A-Za-
 Handle = Annotated[str, PathParam(min_length=1, max_length=15, pattern="^[A-Za-z0-9_]+$")]
 
 
-def node_modules_roots() -> list[Path]:
-    """Where ``node_modules`` may be: only ``TOWNHALL_NODE_MODULES`` when it is set (an
-    installed wheel points it at an ``npm ci`` done elsewhere), else the repository root (a
-    checkout or an editable install: ``src/townhall/web`` is three levels below it), then the
-    working directory."""
-    if env := os.environ.get("TOWNHALL_NODE_MODULES"):
-        return [Path(env)]
+def node_modules_roots(configured: str = "") -> list[Path]:
+    """Where ``node_modules`` may be: only the configured directory (``web_node_modules``) when
+    there is one, else the repository root (a checkout or an editable install:
+    ``src/townhall/web`` is three levels below it), then the working directory."""
+    if configured:
+        return [Path(configured)]
     return [HERE.parents[2] / "node_modules", Path.cwd() / "node_modules"]
 
 
-def hls_js() -> Path | None:
+def hls_js(configured: str = "") -> Path | None:
     """The hls.js module file, or None when the npm packages are not installed."""
-    for root in node_modules_roots():
+    for root in node_modules_roots(configured):
         candidate = root / HLS_BUILD
         if candidate.is_file():
             return candidate
     return None
+
+
+def _configured(request: Request) -> str:
+    node: Node = request.app.state.node
+    return node.config.web_node_modules
 
 
 _SHELL = Template((TEMPLATES / "shell.html").read_text(encoding="utf-8"))
@@ -84,10 +89,10 @@ def render(page: str, title: str, **data: str) -> HTMLResponse:
     return HTMLResponse(text, headers=HEADERS)
 
 
-def missing_player() -> HTMLResponse:
+def missing_player(configured: str) -> HTMLResponse:
     """What the audio pages answer when hls.js is not installed (a wheel install, or a checkout
     where ``npm ci`` has not run): a clear page, not a broken player."""
-    roots = ", ".join(str(r) for r in node_modules_roots())
+    roots = ", ".join(str(r) for r in node_modules_roots(configured))
     response = render("missing", "Player not installed", roots=roots)
     response.status_code = 503
     return response
@@ -109,16 +114,16 @@ async def signup() -> HTMLResponse:
 
 
 @router.get("/spaces/{space_id}", response_class=HTMLResponse)
-async def space(space_id: SpaceId) -> HTMLResponse:
-    if hls_js() is None:
-        return missing_player()
+async def space(space_id: SpaceId, request: Request) -> HTMLResponse:
+    if hls_js(_configured(request)) is None:
+        return missing_player(_configured(request))
     return render("space", "Space", space_id=space_id, emoji=" ".join(EMOJI))
 
 
 @router.get("/spaces/{space_id}/replay", response_class=HTMLResponse)
-async def replay(space_id: SpaceId) -> HTMLResponse:
-    if hls_js() is None:
-        return missing_player()
+async def replay(space_id: SpaceId, request: Request) -> HTMLResponse:
+    if hls_js(_configured(request)) is None:
+        return missing_player(_configured(request))
     return render("replay", "Replay", space_id=space_id)
 
 
@@ -133,9 +138,9 @@ async def admin() -> HTMLResponse:
 
 
 @router.get("/vendor/hls.mjs")
-async def vendor_hls() -> Response:
+async def vendor_hls(request: Request) -> Response:
     """hls.js from ``node_modules`` (installed by ``npm ci`` from ``package-lock.json``)."""
-    path = hls_js()
+    path = hls_js(_configured(request))
     if path is None:
         return Response(
             "// hls.js is not installed: run `npm ci` (or `make web`) at the repository root\n",

@@ -10,6 +10,7 @@
 // - Hosts and co-hosts get the requests, invitations, per-speaker controls and End.
 import { call, del, get, post, streamEvents } from "./api.js";
 import { Player } from "./player.js";
+import { proofOfWork } from "./pow.js";
 import { StageConnection } from "./stage.js";
 import { $, avatar, el, fail, nav, params, show, toast, when } from "./ui.js";
 
@@ -196,11 +197,27 @@ async function act(promise) {
 
 // -- listening -----------------------------------------------------------------------------------
 
-async function join(queueToken, signal) {
+function duration(seconds) {
+  const s = Math.max(1, Math.round(seconds));
+  if (s < 90) return `${s} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+/**
+ * POST /join until admitted: a 202 puts us in the waiting room (the signed queue token is
+ * presented again after Retry-After; the position only goes down), 429/503 are retried after
+ * their Retry-After, and 403 pow_required (attack mode, anonymous joins) is answered with a
+ * proof of work solved in a worker.
+ */
+async function join(signal) {
+  let queueToken = null;
+  let proof = null;
   for (;;) {
+    const body = { ...(queueToken ? { queue_token: queueToken } : {}), ...(proof ?? {}) };
     let response;
     try {
-      response = await call("POST", api("/join"), queueToken ? { queue_token: queueToken } : undefined, { signal });
+      response = await call("POST", api("/join"), Object.keys(body).length ? body : undefined, { signal });
     } catch (err) {
       if (err.status === 429 || err.status === 503 || err.status === 0) {
         const wait = err.retryAfter ?? 5;
@@ -208,21 +225,45 @@ async function join(queueToken, signal) {
         await sleep(wait, signal);
         continue;
       }
+      if (err.status === 403 && err.code === "pow_required" && !proof) {
+        playerStatus("So many people are joining that the server asks your browser to solve a small puzzle first. Solving…");
+        proof = await proofOfWork({
+          signal,
+          onProgress: (tries, expected) => {
+            playerStatus(`Solving the puzzle the server asks of anonymous listeners… ${Math.min(99, Math.round((100 * tries) / expected))}%`);
+          },
+        });
+        playerStatus("Puzzle solved. Joining…");
+        continue;
+      }
       throw err;
     }
+    proof = null; // a challenge admits once
     if (response.status === 202) {
-      // The waiting room: a signed place in line, presented again after retry_after.
       const { queue_token: token, position, retry_after: wait } = response.data;
+      const estimate = response.data.estimated_wait_seconds ?? wait;
       queueToken = token;
       show($("#waiting"), true);
       $("#waiting-detail").textContent =
-        `You're number ${Number(position).toLocaleString()} in line. Estimated wait: about ${wait} s. ` +
+        `You're number ${Number(position).toLocaleString()} in line. Estimated wait: about ${duration(estimate)}. ` +
         "Keep this page open: you'll be let in automatically.";
-      await sleep(wait, signal);
+      playerStatus("Waiting for a place…");
+      await sleep(Math.max(1, wait), signal);
       continue;
     }
     show($("#waiting"), false);
     return response.data;
+  }
+}
+
+/** A fresh ticket for the same listener before this one expires: the cheap renewal when the
+ * server has it, else a join (the join's cookie replaces the old ticket). */
+async function renew(ticket) {
+  try {
+    return await post(api("/tickets/renew"), { ticket });
+  } catch (err) {
+    if (err.status === 404 && err.code === "not_found") return join();
+    throw err;
   }
 }
 
@@ -232,14 +273,14 @@ async function listen() {
   joinAbort = new AbortController();
   playerStatus("Joining…");
   try {
-    const ticket = await join(null, joinAbort.signal);
+    const ticket = await join(joinAbort.signal);
     playerStatus("Connecting to the live audio…");
     await player.play(ticket.hls_url, { ticket: ticket.ticket, live: true });
     listening = true;
     setTimeout(() => {
       if (listening) recoveries = 0; // a minute of good playback earns the retries back
     }, 60_000);
-    scheduleRenewal(ticket.expires_at);
+    scheduleRenewal(ticket);
     show(button, false);
     show($("#stop"), true);
     if (document.activeElement === button || document.activeElement === document.body) $("#stop").focus();
@@ -280,15 +321,15 @@ player.onFatal = () => {
   }, 1000 * 2 ** recoveries);
 };
 
-function scheduleRenewal(expiresAt) {
+function scheduleRenewal(current) {
   clearTimeout(renewTimer);
-  const remaining = new Date(expiresAt).getTime() - Date.now();
+  const remaining = new Date(current.expires_at).getTime() - Date.now();
   renewTimer = setTimeout(async () => {
     if (!listening) return;
     try {
-      const ticket = await join(null);
+      const ticket = await renew(current.ticket);
       player.setTicket(ticket.ticket);
-      scheduleRenewal(ticket.expires_at);
+      scheduleRenewal(ticket);
     } catch (err) {
       playerStatus(`Could not renew your ticket: ${err.message}`);
     }
