@@ -11,7 +11,6 @@ consumer loses audio, it never delays the mixer. Tick lateness is recorded for m
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fractions
 import logging
@@ -25,6 +24,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from townhall.stage.jitter import Frame
+from townhall.stage.lateness import LatenessWindow
 from townhall.stage.mixer import FRAME_SAMPLES, RATE, TICK, Mixer, MixOutput
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Room:
         self.mixer = Mixer()
         self.peers: dict[str, Peer] = {}
         self.program_sinks: list[Callable[[MixOutput], None]] = []
-        self.lateness: collections.deque[float] = collections.deque(maxlen=50 * 60 * 10)
+        self.lateness = LatenessWindow()
         self.levels: dict[str, float] = {}
         # Wall-clock time of the last tick that mixed each speaker's (unmuted) audio in.
         self.last_mixed: dict[str, float] = {}
@@ -205,7 +205,7 @@ class Room:
             if delay > 0:
                 await asyncio.sleep(delay)
             late = self.now() - deadline
-            self.lateness.append(late)
+            self.lateness.add(late)
             out = self.mixer.tick(deadline)
             self.levels = out.levels
             wall = time.time()
@@ -221,8 +221,3 @@ class Room:
                 sink(out)
             if late > 1.0:  # a stall longer than a second: restart the schedule, do not burst
                 start, n = self.now(), 0
-
-    def lateness_percentile(self, q: float) -> float:
-        if not self.lateness:
-            return 0.0
-        return float(np.percentile(np.fromiter(self.lateness, dtype=np.float64), q))
