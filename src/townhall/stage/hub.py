@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
 from townhall.audience.packager import Packager, PartReady
@@ -121,7 +121,12 @@ class StageHub:
         room = self.room(space_id)
         peer = Peer(self._peer_connection(), "whep", who, grant_id)
         track = room.add_listener(peer)
-        peer.pc.addTransceiver(track, direction="sendonly")
+        transceiver = peer.pc.addTransceiver(track, direction="sendonly")
+        # The room hands the sender Opus packets (see ``MixTrack``): Opus is the only codec to
+        # answer with (the route has checked that the offer carries it).
+        transceiver.setCodecPreferences(
+            [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
+        )
         await self._negotiate(room, peer, sdp)
         return peer
 
@@ -178,5 +183,6 @@ class StageHub:
                 "ticks": room.mixer.ticks,
                 "last_mixed": dict(room.last_mixed),
                 "packager_dropped": packager.dropped if packager else 0,
+                "encoder_dropped": room.encoder_dropped,
             }
         return {"at": time.time(), "rooms": rooms}

@@ -2,10 +2,13 @@
 
 The I/O edge of the stage. Inbound speaker tracks are decoded by aiortc (its decoder runs in a
 worker thread), converted to 20 ms mono frames and pushed into the ``Mixer``. A clock task
-ticks every 20 ms against absolute deadlines (no drift); each tick's outputs go into small
-bounded queues, one per outbound WebRTC track (mix-minus for a speaker, program for a host's
-monitor) and one per program sink (the packager). A full queue drops its oldest frame: a slow
-consumer loses audio, it never delays the mixer. Tick lateness is recorded for measurement.
+ticks every 20 ms against absolute deadlines (no drift); each tick's program mix goes to the
+program sinks (the packager), and the frames for the outbound WebRTC tracks (mix-minus for a
+speaker, program for a host's monitor) go to the room's encoder thread, which turns them into
+Opus packets, one encoder per track, and hands each track its packet. aiortc's sender then only
+packetises: no second encode on its thread pool, no per-sample audio-level loop in Python.
+Every queue on the way is bounded and drops its oldest entry when full: a slow consumer loses
+audio, it never delays the mixer. Tick lateness is recorded for measurement.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import asyncio
 import contextlib
 import fractions
 import logging
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import av
 import numpy as np
@@ -31,46 +37,141 @@ logger = logging.getLogger(__name__)
 
 TIME_BASE = fractions.Fraction(1, RATE)
 OUT_QUEUE = 5  # 100 ms of audio per outbound consumer at most
+ENCODE_QUEUE = 5  # ticks waiting for the room's encoder thread at most
+OPUS_BITRATE = 96000  # what aiortc's own Opus encoder uses
+
+
+class OpusEncoder:
+    """Mono Opus for one outbound stream (libopus through PyAV, 20 ms frames, VoIP mode).
+
+    The mix is mono, so it is coded as mono: half the work of aiortc's encoder, which upmixes
+    every frame to stereo first. Any Opus decoder plays a mono stream (RFC 7587 §3.4)."""
+
+    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.bit_rate = bitrate
+        self._codec.format = "s16"
+        self._codec.layout = "mono"
+        self._codec.sample_rate = RATE
+        self._codec.time_base = TIME_BASE
+        self._codec.options = {"application": "voip"}
+        self._pts = 0
+
+    def encode(self, samples: Frame) -> list[av.Packet[Any]]:
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._pts
+        self._pts += len(samples)
+        return self._codec.encode(frame)
 
 
 class MixTrack(MediaStreamTrack):
-    """An outbound audio track fed by the room: the mix-minus of one speaker, or the program."""
+    """An outbound audio track fed by the room: Opus packets of the mix-minus of one speaker,
+    or of the program. aiortc's sender takes them as they are (it only packetises them)."""
 
     kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
-        self.queue: asyncio.Queue[Frame] = asyncio.Queue(OUT_QUEUE)
+        self.queue: asyncio.Queue[av.Packet[Any]] = asyncio.Queue(OUT_QUEUE)
+        self.encoder = OpusEncoder()  # used on the room's encoder thread only
+        # Nothing is encoded for a track before its sender first asks (before the peer connects).
+        self.wanted = False
         self._pts = 0
         self.dropped = 0
 
-    def offer(self, frame: Frame) -> None:
+    def offer(self, packet: av.Packet[Any]) -> None:
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
-        self.queue.put_nowait(frame)
+        self.queue.put_nowait(packet)
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
             raise MediaStreamError
-        samples = await self.queue.get()
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
+        self.wanted = True
+        packet = await self.queue.get()
+        # The RTP timestamp follows the packets sent, so a dropped packet is skipped audio, not a gap.
+        packet.pts = self._pts
+        packet.time_base = TIME_BASE
         self._pts += FRAME_SAMPLES
-        return frame
+        return packet
+
+
+class _Encoder:
+    """The room's encoder thread: each tick's outbound frames become Opus packets off the event
+    loop (libopus runs without the GIL), and all of one tick's packets come back to the loop in
+    a single call. The queue holds ``ENCODE_QUEUE`` ticks; when it is full the oldest tick is
+    dropped and counted (``dropped``), so a starved thread loses audio and never delays a tick."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.Queue[list[tuple[MixTrack, Frame]] | None] = queue.Queue(ENCODE_QUEUE)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, work: list[tuple[MixTrack, Frame]]) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(work)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
+
+    def close(self) -> None:
+        """Stop the thread once it has encoded what it holds (call from a worker thread)."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (work := self._queue.get()) is not None:
+            try:
+                done = [(track, p) for track, samples in work for p in track.encoder.encode(samples)]
+            except Exception:
+                logger.exception("opus encoding failed")
+                continue
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is listening
+                self._loop.call_soon_threadsafe(_deliver, done)
+
+
+def _deliver(done: list[tuple[MixTrack, av.Packet[Any]]]) -> None:
+    for track, packet in done:
+        track.offer(packet)
 
 
 class _Rechunker:
-    """Decoded frames of any size and layout -> exact 960-sample mono int16 frames."""
+    """Decoded frames of any size and layout -> exact 960-sample mono int16 frames.
+
+    aiortc's Opus decoder gives packed 16-bit stereo at 48 kHz, 960 samples a frame: that case
+    is downmixed with numpy, exactly as libswresample does it (the mean of the two channels,
+    halves rounded up), and handed on without copying; anything else goes through a resampler.
+    """
 
     def __init__(self) -> None:
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        self._resampler: av.AudioResampler | None = None
         self._pending = np.zeros(0, dtype=np.int16)
 
+    def _mono(self, frame: av.AudioFrame) -> list[Frame]:
+        channels = len(frame.layout.channels)
+        if frame.format.name == "s16" and frame.sample_rate == RATE and channels in (1, 2):
+            samples = frame.to_ndarray().reshape(-1).astype(np.int16, copy=False)
+            if channels == 1:
+                return [samples]
+            pairs = samples.reshape(-1, 2).astype(np.int32)
+            return [((pairs[:, 0] + pairs[:, 1] + 1) >> 1).astype(np.int16)]
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        return [
+            f.to_ndarray().reshape(-1).astype(np.int16, copy=False) for f in self._resampler.resample(frame)
+        ]
+
     def feed(self, frame: av.AudioFrame) -> list[Frame]:
-        parts = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        parts = self._mono(frame)
+        if not len(self._pending) and len(parts) == 1 and len(parts[0]) == FRAME_SAMPLES:
+            return parts  # the usual case: one decoded frame is one mixer frame
         if parts:
             self._pending = np.concatenate([self._pending, *parts]).astype(np.int16)
         out = []
@@ -107,6 +208,7 @@ class Room:
         self.last_mixed: dict[str, float] = {}
         self.on_peer_closed: Callable[[Peer], None] | None = None
         self._clock_task: asyncio.Task[None] | None = None
+        self._encoder: _Encoder | None = None
         self._background: set[asyncio.Task[bool]] = set()
         self._loop_time = clock
 
@@ -115,6 +217,8 @@ class Room:
     def ensure_running(self) -> None:
         if self._clock_task is None:
             self._clock_task = asyncio.create_task(self._run_clock(), name=f"stage-clock-{self.space_id}")
+        if self._encoder is None:
+            self._encoder = _Encoder(f"opus-{self.space_id}")
 
     async def close(self) -> None:
         for peer in list(self.peers.values()):
@@ -124,6 +228,9 @@ class Room:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._clock_task
             self._clock_task = None
+        if self._encoder is not None:
+            await asyncio.to_thread(self._encoder.close)
+            self._encoder = None
 
     def now(self) -> float:
         return self._loop_time() if self._loop_time else asyncio.get_running_loop().time()
@@ -212,12 +319,19 @@ class Room:
             for speaker, level in out.levels.items():
                 if level > -120.0:
                     self.last_mixed[speaker] = wall
-            for peer in self.peers.values():
-                if peer.track is not None:
-                    peer.track.offer(
-                        out.program if peer.speaker == "*" else out.minus.get(peer.speaker, out.program)
-                    )
+            work = [
+                (peer.track, out.program if peer.speaker == "*" else out.minus.get(peer.speaker, out.program))
+                for peer in self.peers.values()
+                if peer.track is not None and peer.track.wanted
+            ]
+            if work and self._encoder is not None:
+                self._encoder.submit(work)
             for sink in self.program_sinks:
                 sink(out)
             if late > 1.0:  # a stall longer than a second: restart the schedule, do not burst
                 start, n = self.now(), 0
+
+    @property
+    def encoder_dropped(self) -> int:
+        """Ticks the encoder thread fell too far behind to encode (its queue was full)."""
+        return self._encoder.dropped if self._encoder is not None else 0
