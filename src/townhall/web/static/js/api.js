@@ -30,11 +30,11 @@ export class ApiError extends Error {
 }
 
 /** One API call; resolves to {status, data, headers}. Non-2xx answers throw ApiError. */
-export async function call(method, path, body, { signal, headers = {} } = {}) {
+export async function call(method, path, body, { signal, headers = {}, cache } = {}) {
   const h = { Accept: "application/json", ...headers };
   const s = session();
   if (s) h.Authorization = `Bearer ${s.token}`;
-  const init = { method, headers: h, signal };
+  const init = { method, headers: h, signal, ...(cache ? { cache } : {}) };
   if (body !== undefined) {
     h["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);

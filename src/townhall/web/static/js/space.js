@@ -58,7 +58,10 @@ const isManager = () => onStage && (onStage.role === "host" || onStage.role === 
 
 async function refresh() {
   try {
-    apply((await call("GET", api("/state"))).data);
+    // Revalidated every time (ETag: a 304 when unchanged): the browser's own copy could be a
+    // second older than a change this page has just made or been pushed, and must not undo it.
+    // An edge answers the revalidation from its own cache, which the origin keeps fresh.
+    apply((await call("GET", api("/state"), undefined, { cache: "no-cache" })).data);
   } catch (err) {
     if (err.status === 404) {
       $("#title").textContent = "This space does not exist";
