@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 RESTART_DELAY = 0.5
 READY_TIMEOUT = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def speaker_key(account_id: int) -> str:
@@ -305,3 +307,35 @@ class StageCollector:
         restarts = CounterMetricFamily("townhall_stage_restarts", "times the stage process was restarted")
         restarts.add_metric([], self.stage.restarts)
         yield restarts
+        late_ticks = GaugeMetricFamily(
+            "townhall_stage_late_ticks",
+            "ticks of the live rooms later than over_seconds past their deadline, since each room started",
+            labels=["over_seconds"],
+        )
+        for over in ("0.005", "0.01", "0.02"):
+            late_ticks.add_metric(
+                [over], sum(int(r.get("late_ticks", {}).get(over, 0)) for r in rooms_now.values())
+            )
+        yield late_ticks
+        seconds = process_cpu_seconds(self.stage.pid)
+        if seconds is not None:
+            cpu = CounterMetricFamily(
+                "townhall_stage_process_cpu_seconds",
+                "user + system CPU time of the running stage process (restarts at 0 with it)",
+            )
+            cpu.add_metric([], seconds)
+            yield cpu
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process from ``/proc/<pid>/stat`` (Linux), read when scraped: the
+    stage's own CPU, apart from the HTTP process's ``process_cpu_seconds_total``."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command: state ppid pgrp session ... utime (14th field) stime (15th).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
