@@ -20,12 +20,13 @@ the path and ``_HLS_msn``/``_HLS_part`` only and checks the ticket itself (docs/
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from townhall.admission.tickets import Ticket, TicketError
+from townhall.admission.tickets import Ticket, TicketBook, TicketError
 from townhall.audience.origin import SpaceStream
 from townhall.audience.playlist import BlockingRequestError, check_blocking_request, has_part
 from townhall.control.deps import NodeDep
@@ -234,6 +235,29 @@ _COOKIE = TICKET_COOKIE.encode()
 _encoded: dict[str, tuple[str, bytes]] = {}
 
 
+# Tickets whose signature this process has checked: the HMAC and the JSON are done once per
+# ticket, not once per request (a listener makes two or more requests a second). Sound because
+# a node's keys are fixed for its lifetime and tickets cannot be revoked, only expire; space
+# and expiry are still checked on every request. Bounded: cleared when full.
+_checked: weakref.WeakKeyDictionary[TicketBook, dict[bytes, Ticket]] = weakref.WeakKeyDictionary()
+_CHECKED_MAX = 1 << 16
+
+
+def _admitted(node: Node, token: bytes, space_id: str) -> bool:
+    now = node.clock()
+    memo = _checked.setdefault(node.tickets, {})
+    ticket = memo.get(token)
+    if ticket is None:
+        try:
+            ticket = node.tickets.check(token.decode("ascii"), space_id, now)
+        except (TicketError, UnicodeDecodeError):
+            return False
+        if len(memo) >= _CHECKED_MAX:
+            memo.clear()
+        memo[token] = ticket
+    return ticket.space_id == space_id and ticket.expires_at > now
+
+
 def _cookie(header: bytes) -> bytes | None:
     for chunk in header.split(b";"):
         name, _, value = chunk.strip().partition(b"=")
@@ -278,9 +302,7 @@ async def _fast(route: str, scope: Scope, send: Send) -> bool:
     if not token or len(token) > 1024:
         return False
     node: Node = scope["app"].state.node
-    try:
-        node.tickets.check(token.decode("ascii"), space_id, node.clock())
-    except (TicketError, UnicodeDecodeError):
+    if not _admitted(node, token, space_id):
         return False
     stream = node.origin.streams.get(space_id)
     if stream is None:
