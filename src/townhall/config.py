@@ -34,6 +34,8 @@ class Config:
     database_schema: str = ""
     # Empty: counters in process memory. ``redis://host:port`` shares them between nodes.
     redis_url: str = ""
+    # Prefix of every key and channel townhall uses in Redis (several deployments may share one).
+    redis_prefix: str = "townhall"
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
     log_level: str = "info"

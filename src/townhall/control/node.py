@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 
@@ -17,7 +20,9 @@ from townhall.audience.playlist import PlaylistSpec
 from townhall.config import Config, ConfigError
 from townhall.events import (
     InProcessEventBus,
+    RedisEventBus,
     SpaceEnded,
+    SpaceEvent,
     SpaceStarted,
     SpeakerMuted,
     SpeakerRevoked,
@@ -57,7 +62,11 @@ class Node:
     def from_config(cls, config: Config, limiter: Limiter | None = None) -> Node:
         keys = load_or_create_key_set(config.signing_keys, config.data)
         database = Database(config.effective_database_url, schema=config.database_schema or None)
-        bus = InProcessEventBus()
+        bus: InProcessEventBus = (
+            RedisEventBus(config.redis_url, node_name(), channel=f"{config.redis_prefix}:events")
+            if config.redis_url
+            else InProcessEventBus()
+        )
         if not 0.2 <= config.hls_part_seconds <= 1.0 or not 1 <= config.hls_segment_parts <= 12:
             raise ConfigError("hls_part_seconds must be 0.2-1.0 and hls_segment_parts 1-12")
         spec = PlaylistSpec(
@@ -90,6 +99,8 @@ class Node:
             stage=stage,
             origin=origin,
         )
+        if isinstance(bus, RedisEventBus):
+            bus.on_remote = node.apply_remote
         return node
 
     def set_clock(self, clock: Callable[[], float]) -> None:
@@ -100,6 +111,8 @@ class Node:
         self.config.data.mkdir(parents=True, exist_ok=True)
         await self.database.migrate()
         await self.hub.start()
+        if isinstance(self.bus, RedisEventBus):
+            await self.bus.start()
         self._tasks.append(asyncio.create_task(self._follow_revocations()))
         self._tasks.append(asyncio.create_task(self._resume_live_spaces()))
 
@@ -110,6 +123,8 @@ class Node:
                 await task
         await self.stage.stop()
         await self.hub.stop()
+        if isinstance(self.bus, RedisEventBus):
+            await self.bus.close()
         await self.limiter.close()
         await self.database.close()
 
@@ -137,6 +152,24 @@ class Node:
             if isinstance(event, StageChanged | SpaceEnded):
                 self.hub.invalidate(event.space_id)  # read-your-writes for the caller
             await self.bus.publish(event)
+
+    async def apply_remote(self, event: SpaceEvent) -> None:
+        """Another node's event (over Redis): apply its effects here as a local one's are
+        applied before it is published: a revoked grant refused and its media cut, a mute in
+        this node's mixer, an ended space's stage closed, cached state re-read."""
+        if isinstance(event, SpeakerRevoked):
+            self.grants.revoke(event.grant_id, self.clock())
+        try:
+            if isinstance(event, SpeakerRevoked):
+                await self.stage.revoke(event.grant_id)
+            elif isinstance(event, SpeakerMuted):
+                await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
+            elif isinstance(event, SpaceEnded) and self.stage.hosts(event.space_id):
+                await self.stage.end_space(event.space_id)
+        except StageError:
+            logger.warning("stage unavailable for another node's event", extra={"space": event.space_id})
+        if isinstance(event, StageChanged | SpaceEnded | SpaceStarted):
+            self.hub.invalidate(event.space_id)
 
     async def _follow_revocations(self) -> None:
         async with self.bus.listening() as queue:
@@ -170,3 +203,8 @@ class Node:
             if outcome.events:
                 logger.warning("host did not return; space ended", extra={"space": space_id})
                 await self.publish(outcome)
+
+
+def node_name() -> str:
+    """This node's name on the event bus: unique per process, readable in logs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
