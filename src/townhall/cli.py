@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from townhall.config import Config, ConfigError
 from townhall.control.node import Node
 from townhall.errors import ApiError
+from townhall.plan.command import add_parser as add_plan_parser
 
 T = TypeVar("T")
 
@@ -86,7 +87,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--token", help="a bearer token from POST /api/v1/sessions, to join as an account")
     listen.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_plan_parser(sub)
+    _loadtest_parser(sub)
     return parser
+
+
+def _loadtest_parser(sub: Any) -> None:
+    load = sub.add_parser(
+        "loadtest", help="bounded load against a node on loopback; writes a JSON report and a PNG plot"
+    )
+    scenarios = load.add_subparsers(dest="scenario", required=True)
+    what = {
+        "listeners": "N listeners playing LL-HLS; part latency behind live",
+        "join-storm": "N distinct joins spread over --seconds; queued joiners come back with their token",
+        "flood": "a legitimate storm beside attackers at --attack-factor times its rate from a few addresses",
+    }
+    for name, help_text in what.items():
+        p = scenarios.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--url", required=True, help="the node's base URL (loopback only: 127.0.0.0/8 or ::1)")
+        p.add_argument("--space", required=True, help="the id of a live space")
+        p.add_argument("--seconds", type=float, required=True, help="how long (listeners) or over how long")
+        if name == "flood":
+            p.add_argument("--legit", type=int, required=True, help="legitimate joins over --seconds")
+            p.add_argument("--attack-factor", type=float, default=10.0, help="attack rate / legitimate rate")
+            p.add_argument("--attack-sources", type=int, default=4, help="attacking addresses (default 4)")
+        else:
+            p.add_argument("-n", type=int, required=True, help="listeners or joins")
+        if name == "listeners":
+            p.add_argument(
+                "--ramp", type=float, help="spread the joins over this long (default seconds/4, <= 5)"
+            )
+        else:
+            p.add_argument(
+                "--drain", type=float, default=10.0, help="queued joiners keep returning this long"
+            )
+            p.add_argument(
+                "--accounts", type=int, default=0, help="this many joiners are registered accounts"
+            )
+        p.add_argument(
+            "--sources", type=int, help="legitimate source addresses (default one per client, <= 4096)"
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
+        p.add_argument("--out", type=Path, default=Path("loadtest-results"), help="report directory")
+        p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
 def load_config(args: argparse.Namespace, **overrides: Any) -> Config:
@@ -325,6 +368,41 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import json
+
+    from townhall.loadtest import runner
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    common = runner.Common(
+        url=args.url,
+        space=args.space,
+        seconds=args.seconds,
+        out=args.out,
+        sources=args.sources,
+        timeout=args.timeout,
+        drain=getattr(args, "drain", 0.0),
+        progress=not args.no_progress,
+    )
+    plan: runner.Plan
+    if args.scenario == "listeners":
+        plan = runner.ListenersPlan(common, args.n, args.ramp)
+    elif args.scenario == "join-storm":
+        plan = runner.StormPlan(common, args.n, args.accounts)
+    else:
+        plan = runner.FloodPlan(
+            common, args.legit, args.attack_factor, args.attack_sources, accounts=args.accounts
+        )
+    try:
+        report = runner.run_plan(plan)
+    except (runner.LoadtestError, ValueError) as exc:
+        print(f"townhall: {exc}", file=sys.stderr)
+        return 2
+    print(runner.summary(report), file=sys.stderr)
+    print(json.dumps(report["files"]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -344,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_monitor(args)
         if args.command == "listen":
             return cmd_listen(args)
+        if args.command == "plan":
+            from townhall.plan.command import run as cmd_plan
+
+            return cmd_plan(args)
+        if args.command == "loadtest":
+            return cmd_loadtest(args)
         return cmd_admin(args)
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a normal exit.
