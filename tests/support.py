@@ -8,6 +8,7 @@ import dataclasses
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,14 +92,17 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(config: Config) -> Iterator[RunningServer]:
+def running_server(config: Config, *, keep_schema: bool = False) -> Iterator[RunningServer]:
+    """A node serving ``config`` in a thread; its PostgreSQL schema is dropped at the end unless
+    ``keep_schema`` (another node of the same test still uses it)."""
     clock = Clock()
     node = Node.from_config(config)
     node.set_clock(clock)
     app = create_app(node)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    # A node that must know its own address (placement between nodes) names it in public_url.
+    sock.bind(("127.0.0.1", urllib.parse.urlparse(config.public_url).port or 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=3)
@@ -119,7 +123,8 @@ def running_server(config: Config) -> Iterator[RunningServer]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        asyncio.run(drop_schema(config))
+        if not keep_schema:
+            asyncio.run(drop_schema(config))
 
 
 class Api:

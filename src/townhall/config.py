@@ -36,6 +36,9 @@ class Config:
     redis_url: str = ""
     # Prefix of every key and channel townhall uses in Redis (several deployments may share one).
     redis_prefix: str = "townhall"
+    # With Redis, a space's stage runs on one node, which holds a lease on it this long and
+    # renews it every third; a dead node's spaces move to the next node a speaker reaches.
+    stage_lease_seconds: float = 10.0
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
     log_level: str = "info"

@@ -27,6 +27,7 @@ from townhall.control.node import Node
 from townhall.control.routes import accounts, admin, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.errors import ApiError
+from townhall.scaleout.relay import PlacementRelay
 from townhall.stage.process import StageCollector
 from townhall.web import pages
 
@@ -76,6 +77,7 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     registry.register(StageCollector(node.stage))
+    app.add_middleware(PlacementRelay, node=node)  # spaces another node runs
     app.add_middleware(hls.FastPath)  # inside the metrics: listener requests are counted too
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=node.config.max_body_bytes)

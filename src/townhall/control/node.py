@@ -28,6 +28,7 @@ from townhall.events import (
     SpeakerRevoked,
     StageChanged,
 )
+from townhall.scaleout.placement import LocalPlacement, Placement, RedisPlacement
 from townhall.security.passwords import PasswordHasher
 from townhall.security.signing import Signer, load_or_create_key_set
 from townhall.spaces import service
@@ -55,6 +56,7 @@ class Node:
     hub: LiveHub
     stage: StageProcess
     origin: Origin
+    placement: Placement
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
@@ -98,6 +100,16 @@ class Node:
             hub=LiveHub(database, bus, time.time, levels=stage.levels),
             stage=stage,
             origin=origin,
+            placement=(
+                RedisPlacement(
+                    config.redis_url,
+                    config.effective_public_url,
+                    prefix=config.redis_prefix,
+                    lease_seconds=config.stage_lease_seconds,
+                )
+                if config.redis_url
+                else LocalPlacement(config.effective_public_url)
+            ),
         )
         if isinstance(bus, RedisEventBus):
             bus.on_remote = node.apply_remote
@@ -114,6 +126,7 @@ class Node:
         if isinstance(self.bus, RedisEventBus):
             await self.bus.start()
         self._tasks.append(asyncio.create_task(self._follow_revocations()))
+        self._tasks.append(asyncio.create_task(self._renew_leases()))
         self._tasks.append(asyncio.create_task(self._resume_live_spaces()))
 
     async def stop(self) -> None:
@@ -123,6 +136,7 @@ class Node:
                 await task
         await self.stage.stop()
         await self.hub.stop()
+        await self.placement.close()
         if isinstance(self.bus, RedisEventBus):
             await self.bus.close()
         await self.limiter.close()
@@ -142,9 +156,13 @@ class Node:
                 elif isinstance(event, SpeakerMuted):
                     await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
                 elif isinstance(event, SpaceStarted):
-                    await self.stage.start_space(event.space_id)
+                    # The stage runs where the space is claimed: here, unless another node
+                    # already holds it.
+                    if await self.placement.claim(event.space_id) == self.placement.me:
+                        await self.stage.start_space(event.space_id)
                 elif isinstance(event, SpaceEnded):
                     await self.stage.end_space(event.space_id)
+                    await self.placement.release(event.space_id)
             except StageError:
                 # The stage is restarting: it comes back with no sessions, and every speaker
                 # who reconnects is checked (and muted) against the database again.
@@ -166,10 +184,23 @@ class Node:
                 await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
             elif isinstance(event, SpaceEnded) and self.stage.hosts(event.space_id):
                 await self.stage.end_space(event.space_id)
+                await self.placement.release(event.space_id)
         except StageError:
             logger.warning("stage unavailable for another node's event", extra={"space": event.space_id})
         if isinstance(event, StageChanged | SpaceEnded | SpaceStarted):
             self.hub.invalidate(event.space_id)
+
+    async def _renew_leases(self) -> None:
+        """Keep this node's claim on the spaces whose stage it runs (a third of the lease)."""
+        while True:
+            await asyncio.sleep(self.config.stage_lease_seconds / 3)
+            try:
+                lost = await self.placement.renew(self.stage.live_spaces())
+            except Exception as exc:  # Redis down: the leases run on; the stages go on here
+                logger.warning("could not renew stage leases: %s", exc)
+                continue
+            for space_id in lost:
+                logger.error("another node took over a space this node runs", extra={"space": space_id})
 
     async def _follow_revocations(self) -> None:
         async with self.bus.listening() as queue:
@@ -188,6 +219,7 @@ class Node:
         if not live:
             return
         resumed_at = time.time()
+        live = [(s, h) for s, h in live if await self.placement.claim(s) == self.placement.me]
         for space_id, _ in live:
             logger.info("resuming a live space after a restart", extra={"space": space_id})
             try:

@@ -85,19 +85,24 @@ class StageHub:
             room.ensure_running()
         return room
 
-    async def end(self, space_id: str) -> None:
-        """Close the room and flush its packager: the last part is out before this returns."""
+    async def end(self, space_id: str, *, finished: bool = True) -> None:
+        """Close the room and flush its packager: the last part is out before this returns.
+        ``finished`` marks the recording complete (the space ended); a node going down
+        mid-space leaves it unmarked, for the node that resumes it."""
         room = self.rooms.pop(space_id, None)
         if room is not None:
             await room.close()
         packager = self.packagers.pop(space_id, None)
         if packager is not None:
             await asyncio.to_thread(packager.close)
-            await asyncio.to_thread(self.store.finish, space_id)
+            if finished:
+                await asyncio.to_thread(self.store.finish, space_id)
 
     async def close(self) -> None:
+        """The node is going away (or died): every part in flight is flushed to the store,
+        no recording is marked finished."""
         for space_id in list(self.rooms):
-            await self.end(space_id)
+            await self.end(space_id, finished=False)
 
     # -- sessions ------------------------------------------------------------------------------
 

@@ -216,6 +216,10 @@ class StageProcess:
         """Whether ``speaker`` opened a WHIP session in the space at or after ``since``."""
         return self._whip_opened.get((space_id, speaker), 0.0) >= since
 
+    def live_spaces(self) -> list[str]:
+        """The spaces whose stage runs here."""
+        return sorted(self._live)
+
     def hosts(self, space_id: str) -> bool:
         """Whether this node runs the space's stage."""
         return space_id in self._live
