@@ -8,6 +8,7 @@ import json
 import random
 import struct
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import av
@@ -40,7 +41,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalMediaStore,
     plan = plan_recording(
         {e: store.read_init("space", e) for e in store.epochs("space")}, store.parts("space")
     )
-    data = b"".join(plan.chunks(0, plan.size, lambda info: store.read_part("space", info)))
+    data = b"".join(plan.chunks(0, plan.size, lambda infos: store.read_parts("space", infos)))
     return store, plan, data
 
 
@@ -144,7 +145,7 @@ def test_ranges_map_onto_the_pieces(recorded: tuple[LocalMediaStore, RecordingPl
     cases += [(0, plan.size), (plan.size, plan.size)]
     for start, stop in cases:
         got = b"".join(
-            plan.chunks(start, stop, lambda info: store.read_part("space", info), chunk_bytes=3000)
+            plan.chunks(start, stop, lambda infos: store.read_parts("space", infos), chunk_bytes=3000)
         )
         assert got == data[start:stop], (start, stop)
 
@@ -155,9 +156,9 @@ def test_a_range_reads_only_the_parts_it_touches(
     store, plan, data = recorded
     read: list[int] = []
 
-    def reading(info: PartInfo) -> bytes:
-        read.append(info.seq)
-        return store.read_part("space", info)
+    def reading(infos: Sequence[PartInfo]) -> list[bytes]:
+        read.extend(info.seq for info in infos)
+        return store.read_parts("space", infos)
 
     start = plan.offsets[100] + 10
     stop = plan.offsets[102] + 1

@@ -227,11 +227,15 @@ class RecordingPlan:
         return patch_part(stored, sequence=index + 1, decode_time=self.decode_times[index])
 
     def chunks(
-        self, start: int, stop: int, read: Callable[[PartInfo], bytes], chunk_bytes: int = 4 << 20
+        self,
+        start: int,
+        stop: int,
+        read: Callable[[Sequence[PartInfo]], list[bytes]],
+        chunk_bytes: int = 4 << 20,
     ) -> Iterator[bytes]:
-        """Bytes ``[start, stop)`` of the file, about ``chunk_bytes`` at a time; ``read`` gives a
-        part's stored bytes. Only the parts that overlap the range are read. Each chunk is one
-        buffer: parts are copied in and patched in place (no per-part intermediate copies)."""
+        """Bytes ``[start, stop)`` of the file, about ``chunk_bytes`` at a time; ``read`` gives
+        the stored bytes of a run of parts. Only the parts that overlap the range are read. Each
+        chunk is one buffer: parts are copied in and patched in place."""
         if not 0 <= start <= stop <= self.size:
             raise ValueError(f"range {start}-{stop} outside the file ({self.size} bytes)")
         pos = start
@@ -251,9 +255,8 @@ class RecordingPlan:
                 end = offsets[index + 1] if index + 1 < count else self.size
                 index += 1
             buffer = bytearray(end - base)
-            for i in range(first, index):
+            for i, data in enumerate(read(self.parts[first:index]), start=first):
                 info = self.parts[i]
-                data = read(info)
                 if len(data) != info.size:
                     raise ValueError(f"part {info.seq} is {len(data)} bytes, not {info.size}")
                 at = offsets[i] - base

@@ -130,4 +130,4 @@ class Replays:
         """A VOD segment: its parts as stored (their own epoch's timeline, behind the epoch's
         own ``EXT-X-MAP``)."""
         run = replay.plan.parts[segment.first : segment.first + segment.count]
-        return b"".join(self.store.read_part(replay.space_id, info) for info in run)
+        return b"".join(self.store.read_parts(replay.space_id, run))

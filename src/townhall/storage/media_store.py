@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -97,6 +98,8 @@ class MediaStore(Protocol):
     def read_init(self, space_id: str, epoch: int) -> bytes: ...
 
     def read_part(self, space_id: str, info: PartInfo) -> bytes: ...
+
+    def read_parts(self, space_id: str, infos: Sequence[PartInfo]) -> list[bytes]: ...
 
     def is_finished(self, space_id: str) -> bool: ...
 
@@ -250,25 +253,35 @@ class LocalMediaStore:
         return self._read(self.space_dir(space_id) / init_name(epoch))
 
     def read_part(self, space_id: str, info: PartInfo) -> bytes:
-        # Plain strings and os calls: pathlib and buffered files cost more than the read itself
-        # when a whole recording (22,000 parts for 3 hours) is streamed.
-        name = info.name or part_name(info, info.size)
-        if "/" in name or name[:1] != "p":  # a listed name matched the pattern already
-            raise MediaStoreError(f"invalid part name {name!r}")
-        if not _SPACE_ID.fullmatch(space_id):
-            raise MediaStoreError(f"invalid space id {space_id!r}")
-        path = os.path.join(self._root, space_id, name)
+        return self.read_parts(space_id, [info])[0]
+
+    def read_parts(self, space_id: str, infos: Sequence[PartInfo]) -> list[bytes]:
+        """Several parts' bytes, in order. The space's directory is opened once and each part
+        relative to it: a whole 3-hour recording is 22,000 opens, and path resolution and
+        pathlib would cost more than the reads."""
+        directory = os.open(self.space_dir(space_id), os.O_RDONLY | os.O_DIRECTORY)
+        out = []
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise MissingMedia(f"{name} is not stored") from exc
-        try:
-            data = os.read(fd, info.size + 1)
+            for info in infos:
+                name = info.name or part_name(info, info.size)
+                if "/" in name or name[:1] != "p":  # a listed name matched the pattern already
+                    raise MediaStoreError(f"invalid part name {name!r}")
+                try:
+                    fd = os.open(name, os.O_RDONLY, dir_fd=directory)
+                except FileNotFoundError as exc:
+                    raise MissingMedia(f"{name} is not stored") from exc
+                try:
+                    data = os.read(fd, info.size + 1)
+                finally:
+                    os.close(fd)
+                if len(data) != info.size:
+                    raise MediaStoreError(
+                        f"part {info.seq} of {space_id} is {len(data)} bytes, not {info.size}"
+                    )
+                out.append(data)
         finally:
-            os.close(fd)
-        if len(data) != info.size:
-            raise MediaStoreError(f"part {info.seq} of {space_id} is {len(data)} bytes, not {info.size}")
-        return data
+            os.close(directory)
+        return out
 
     def _read(self, path: Path) -> bytes:
         try:

@@ -188,7 +188,7 @@ async def sweeper(node: Node) -> None:
 async def _body(replays: Replays, replay: Replay, start: int, stop: int) -> AsyncIterator[bytes]:
     """The file's bytes, read and patched about a megabyte at a time in a worker thread."""
     store = replays.store
-    chunks = replay.plan.chunks(start, stop, lambda info: store.read_part(replay.space_id, info))
+    chunks = replay.plan.chunks(start, stop, lambda infos: store.read_parts(replay.space_id, infos))
     while True:
         chunk = await asyncio.to_thread(next, chunks, None)
         if chunk is None:
