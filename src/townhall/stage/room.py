@@ -155,13 +155,16 @@ class _Rechunker:
         self._pending = np.zeros(0, dtype=np.int16)
 
     def _mono(self, frame: av.AudioFrame) -> list[Frame]:
-        channels = len(frame.layout.channels)
-        if frame.format.name == "s16" and frame.sample_rate == RATE and channels in (1, 2):
-            samples = frame.to_ndarray().reshape(-1).astype(np.int16, copy=False)
+        channels = frame.layout.nb_channels
+        if frame.sample_rate == RATE and channels in (1, 2) and frame.format.name == "s16":
+            # Packed: one plane of interleaved samples (the plane's buffer may be padded).
+            samples = np.frombuffer(memoryview(frame.planes[0]), np.int16, count=frame.samples * channels)
             if channels == 1:
                 return [samples]
-            pairs = samples.reshape(-1, 2).astype(np.int32)
-            return [((pairs[:, 0] + pairs[:, 1] + 1) >> 1).astype(np.int16)]
+            both = np.add(samples[0::2], samples[1::2], dtype=np.int32)
+            both += 1
+            both >>= 1
+            return [both.astype(np.int16)]
         if self._resampler is None:
             self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
         return [
