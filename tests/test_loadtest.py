@@ -16,6 +16,7 @@ import pytest
 from tests.spaces_support import generous_config
 from tests.support import Api, RunningServer, running_server
 from tests.test_audience import Speaker
+from townhall import cli
 from townhall.loadtest.accounting import (
     Answer,
     JoinLedger,
@@ -126,6 +127,8 @@ def test_the_ledger_counts_outcomes_and_checks_the_waiting_rooms_honesty() -> No
     ledger.record(c, Answer(2.3, 2.31, 200))
     assert ledger.outcomes() == {"admitted": 3, "queued": 0, "refused": 1, "error": 0, "unstarted": 0}
     assert ledger.gave_up() == {"429": 1}
+    assert ledger.waiting(until=2.5) == [2, 1, 0]  # b and c at 1 s, c at 2 s, nobody at 3 s
+    assert [r["waiting"] for r in ledger.rows(until=2.5)] == [2, 1, 0]
     h = ledger.honesty()
     assert (h.queued_joiners, h.admitted_from_queue, h.numbers_known) == (2, 2, 2)
     assert h.honest and h.wait_minus_estimate["count"] == 2
@@ -150,20 +153,34 @@ def test_the_ledger_counts_outcomes_and_checks_the_waiting_rooms_honesty() -> No
 
 
 def test_tick_lateness_is_read_from_metrics_text() -> None:
-    text = (
-        "# HELP townhall_stage_tick_lateness_seconds lateness\n"
-        "# TYPE townhall_stage_tick_lateness_seconds gauge\n"
-        'townhall_stage_tick_lateness_seconds{quantile="0.5"} 0.0004\n'
-        'townhall_stage_tick_lateness_seconds{quantile="0.99"} 0.0031\n'
-        'townhall_stage_tick_lateness_seconds{quantile="1.0"} 0.012\n'
-        "townhall_stage_ticks_total 500.0\n"
-    )
-    assert tick_lateness(text) == {"0.5": 0.0004, "0.99": 0.0031, "1.0": 0.012}
+    def page(ticks: int, late5: int) -> str:
+        return (
+            "# HELP townhall_stage_tick_lateness_seconds lateness\n"
+            "# TYPE townhall_stage_tick_lateness_seconds gauge\n"
+            'townhall_stage_tick_lateness_seconds{quantile="0.5"} 0.0004\n'
+            'townhall_stage_tick_lateness_seconds{quantile="0.99"} 0.0031\n'
+            'townhall_stage_tick_lateness_seconds{quantile="1.0"} 0.012\n'
+            f"townhall_stage_ticks_total {ticks}.0\n"
+            f'townhall_stage_late_ticks{{over_seconds="0.005"}} {late5}.0\n'
+            'townhall_stage_late_ticks{over_seconds="0.01"} 1.0\n'
+        )
+
+    assert tick_lateness(page(500, 3)) == {
+        "0.5": 0.0004,
+        "0.99": 0.0031,
+        "1.0": 0.012,
+        "ticks": 500.0,
+        "late>0.005": 3.0,
+        "late>0.01": 1.0,
+    }
     assert tick_lateness("up 1\n") == {}
     s = Sampled(100.0)
-    s.add(100.5, {"0.99": 0.002})
-    s.add(101.0, {"0.99": 0.004, "1.0": 0.01})
-    assert s.as_dict()["worst"] == {"0.5": 0.0, "0.99": 0.004, "1.0": 0.01}
+    s.add(100.5, tick_lateness(page(500, 3)))
+    s.add(101.0, {**tick_lateness(page(550, 5)), "0.99": 0.004})
+    d = s.as_dict()
+    assert d["worst"] == {"0.5": 0.0004, "0.99": 0.004, "1.0": 0.012}
+    assert d["during_run"] == {"ticks": 50.0, "late>0.005": 2.0, "late>0.01": 0.0}
+    assert s.late_since_start()[-1] == (1.0, {"late>0.005": 2.0, "late>0.01": 0.0})
 
 
 def test_progress_line() -> None:
@@ -229,7 +246,7 @@ def loadtest(live: Live, out: Path, scenario: str, *args: str) -> dict[str, Any]
     report: dict[str, Any] = json.loads(js.read_text())
     assert report["scenario"] == scenario and report["finished_by_itself"]
     assert report["tick_lateness"]["samples"], "the speaker's tick lateness was sampled"
-    assert "tick lateness" in run.stderr and str(js) in run.stderr, "a summary on stderr"
+    assert "stage this run" in run.stderr and str(js) in run.stderr, "a summary on stderr"
     return report
 
 
@@ -274,14 +291,11 @@ def test_flood_leaves_legitimate_joiners_in_and_turns_the_attack_away(live: Live
     assert report["attack_timeline"]
 
 
-def test_a_target_off_loopback_is_refused_before_any_request(tmp_path: Path) -> None:
+def test_a_target_off_loopback_is_refused_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["loadtest", "join-storm", "--url", "http://192.0.2.1:8080", "--space", "abc", "-n", "10"]
-    out = subprocess.run(
-        [str(TOWNHALL), *args, "--seconds", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    assert "only targets loopback" in out.stderr and "192.0.2.1" in out.stderr
+    assert cli.main([*args, "--seconds", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "only targets loopback" in err and "192.0.2.1" in err
     assert list(tmp_path.iterdir()) == []

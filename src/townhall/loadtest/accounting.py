@@ -316,6 +316,36 @@ class JoinLedger:
         )
         return dict(sorted(counts.items()))
 
+    def waiting(self, until: float) -> list[int]:
+        """Joiners holding a queue token and not yet admitted at the end of each bucket."""
+        width, start = self.timeline.width, self.start
+        n = self.timeline.bucket(until) + 1
+        delta = [0] * (n + 1)
+        for r in self.records:
+            queued = r.queued_at
+            if queued is None:
+                continue
+            left = r.admitted_at
+            if left is None and r.queue_token is None:
+                left = r.answers[-1].received_at  # its token was refused
+            first = min(n, max(0, math.ceil((queued - start) / width) - 1))
+            delta[first] += 1
+            if left is not None:
+                delta[min(n, max(0, math.ceil((left - start) / width) - 1))] -= 1
+        out, level = [], 0
+        for d in delta[:n]:
+            level += d
+            out.append(level)
+        return out
+
+    def rows(self, until: float) -> list[dict[str, Any]]:
+        """The timeline's rows, each with ``waiting`` (see :meth:`waiting`)."""
+        rows = self.timeline.rows(until)
+        waiting = self.waiting(until)
+        for i, row in enumerate(rows):
+            row["waiting"] = waiting[i] if i < len(waiting) else 0
+        return rows
+
     def statuses(self) -> dict[str, int]:
         counts = Counter(f"{a.status} {a.code}".strip() for r in self.records for a in r.answers)
         return dict(sorted(counts.items()))
@@ -424,21 +454,34 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 TICK_LATENESS = "townhall_stage_tick_lateness_seconds"
+TICKS = "townhall_stage_ticks_total"
+LATE_TICKS = "townhall_stage_late_ticks"
+LATE_OVER = ("0.005", "0.01", "0.02")
 
 
 def tick_lateness(text: str) -> dict[str, float]:
-    """The stage's tick lateness by quantile (``{"0.5": s, "0.99": s, "1.0": s}``) from a
-    ``/metrics`` page; empty when the node exposes none."""
-    return {
+    """The stage's figures from a ``/metrics`` page: tick lateness by quantile over the node's
+    last 10 minutes (``"0.5"``, ``"0.99"``, ``"1.0"``, seconds), ticks run (``"ticks"``) and
+    ticks later than 5, 10 and 20 ms (``"late>0.005"``...), both counted since each live room
+    started; empty when the node exposes none."""
+    out = {
         labels["quantile"]: value
         for labels, value in metric_samples(text, TICK_LATENESS)
         if "quantile" in labels
     }
+    if not out:
+        return out
+    for _, value in metric_samples(text, TICKS):
+        out["ticks"] = value
+    for labels, value in metric_samples(text, LATE_TICKS):
+        if "over_seconds" in labels:
+            out[f"late>{labels['over_seconds']}"] = value
+    return out
 
 
 @dataclasses.dataclass
 class Sampled:
-    """A time series of the server's tick lateness, sampled during a run."""
+    """The stage's figures, sampled during a run (``tick_lateness`` of each read)."""
 
     start: float
     samples: list[tuple[float, dict[str, float]]] = dataclasses.field(default_factory=list)
@@ -447,14 +490,41 @@ class Sampled:
     def add(self, now: float, values: Mapping[str, float]) -> None:
         self.samples.append((round(now - self.start, 3), dict(values)))
 
+    def late_since_start(self) -> list[tuple[float, dict[str, float]]]:
+        """Per sample: ticks later than each threshold since the first sample of the run."""
+        if not self.samples:
+            return []
+        first = self.samples[0][1]
+        keys = [f"late>{o}" for o in LATE_OVER]
+        return [
+            (t, {k: v[k] - first[k] for k in keys if k in v and k in first and v[k] >= first[k]})
+            for t, v in self.samples
+        ]
+
+    def during_run(self) -> dict[str, float] | None:
+        """Ticks run and ticks late by more than 5, 10, 20 ms between the first and the last
+        read (a restarted room's counters start again: then None)."""
+        if len(self.samples) < 2:
+            return None
+        first, last = self.samples[0][1], self.samples[-1][1]
+        out = {}
+        for key in ("ticks", *(f"late>{o}" for o in LATE_OVER)):
+            if key in first and key in last:
+                if last[key] < first[key]:
+                    return None
+                out[key] = last[key] - first[key]
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         worst = {
-            q: max((v.get(q, 0.0) for _, v in self.samples), default=None) for q in ("0.5", "0.99", "1.0")
+            q: max((v[q] for _, v in self.samples if q in v), default=None) for q in ("0.5", "0.99", "1.0")
         }
         return {
             "metric": TICK_LATENESS,
-            "note": "the node's figure over its last 10 minutes (worst room), sampled during the run",
+            "note": "quantiles are the node's figure over its last 10 minutes (worst room); "
+            "during_run counts ticks and late ticks between the first and last read of this run",
             "samples": [{"t": t, **v} for t, v in self.samples],
             "worst": worst,
+            "during_run": self.during_run(),
             "failed_reads": self.failures,
         }

@@ -44,6 +44,7 @@ def join_series(rows: Sequence[Mapping[str, Any]], attack: Sequence[Mapping[str,
         "queued (202)": (_col(rows, "queued", per=width), "-"),
         "rejected (429/403/503/4xx)": (_col(rows, *REJECTED, per=width), "-"),
         "errors (5xx, transport)": (_col(rows, *ERRORS, per=width), "-"),
+        "waiting (joiners, not per second)": (_col(rows, "waiting"), ":"),
     }
     latency = {"join p50": _lat(rows, "p50"), "join p99": _lat(rows, "p99")}
     if attack:
@@ -113,8 +114,22 @@ def draw(path: Path, title: str, series: Series, lateness: Sampled) -> None:
         low.axhline(5.0, color="grey", linestyle=":", label="5 ms target (p99)")
         low.set_ylabel("stage tick lateness (ms)\n(node's 10-min window)")
         low.set_xlabel("seconds since the start")
-        low.legend(loc="upper right", fontsize=8)
+        low.legend(loc="upper left", fontsize=8)
         low.grid(alpha=0.3)
+        late = lateness.late_since_start()
+        if late and any(v for _, v in late):
+            twin = low.twinx()
+            for key, style in (("late>0.005", "--"), ("late>0.01", "-."), ("late>0.02", ":")):
+                twin.plot(
+                    [t for t, _ in late],
+                    [v.get(key, 0.0) for _, v in late],
+                    style,
+                    color="black",
+                    linewidth=1,
+                    label=f"ticks late > {float(key[5:]) * 1000:.0f} ms, this run",
+                )
+            twin.set_ylabel("late ticks since the start")
+            twin.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:

@@ -593,8 +593,8 @@ async def _join_storm(run: Run, plan: StormPlan) -> dict[str, Any]:
     report["elapsed"] = round(run.clock() - run.start, 3)
     report["finished_by_itself"] = finished
     report.update(_join_figures(ledger, plan.n))
-    report["timeline"] = ledger.timeline.rows(run.clock())
-    return run.write(report, plot.join_series(ledger.timeline.rows(run.clock())))
+    report["timeline"] = ledger.rows(run.clock())
+    return run.write(report, plot.join_series(ledger.rows(run.clock())))
 
 
 async def flood(plan: FloodPlan, clock: Clock = time.time) -> dict[str, Any]:
@@ -707,7 +707,7 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
         "let_in": attack_counts["admitted"] + attack_counts["queued"],
         "latency": summarize(attack_latencies),
     }
-    report["timeline"] = ledger.timeline.rows(run.clock())
+    report["timeline"] = ledger.rows(run.clock())
     report["attack_timeline"] = attack.rows(run.clock())
     return run.write(report, plot.join_series(report["timeline"], report["attack_timeline"]))
 
@@ -820,7 +820,7 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
     report["part_latency"] = summarize(latencies)
     report["errors"] = dict(errors)
     report["timeline"] = parts.rows(run.clock())
-    return run.write(report, plot.listener_series(report["timeline"], ledger.timeline.rows(run.clock())))
+    return run.write(report, plot.listener_series(report["timeline"], ledger.rows(run.clock())))
 
 
 def _check_numbers(n: int, seconds: float) -> None:
@@ -878,8 +878,12 @@ def summary(report: Mapping[str, Any]) -> str:
                 f"proofs solved {figures['pow']['solved']}; attack sent {a['sent']} ({a['sent_rate']}/s of "
                 f"{a['planned_rate']}/s planned), turned away {a['rejection_rate']:.2%}, let in {a['let_in']}"
             )
-    lines.append(
-        f"  stage tick lateness (node's window) worst p99 {_ms(late, '0.99')}, max {_ms(late, '1.0')}"
-    )
+    during = report["tick_lateness"]["during_run"]
+    if during:
+        lines.append(
+            f"  stage this run: {during.get('ticks', 0):.0f} ticks, late by > 5 ms "
+            f"{during.get('late>0.005', 0):.0f}, > 20 ms {during.get('late>0.02', 0):.0f}; "
+            f"node's 10-minute p99 up to {_ms(late, '0.99')}, max {_ms(late, '1.0')}"
+        )
     lines.append(f"  report {report['files']['json']}, plot {report['files']['png']}")
     return "\n".join(lines)
