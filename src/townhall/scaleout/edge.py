@@ -1,0 +1,144 @@
+"""The listener edge: an nginx configuration that caches the origin's LL-HLS for everyone.
+
+Theory of operation
+-------------------
+Every listener of a space asks for the same objects, so an edge in front of the origins turns
+N identical requests into one:
+
+- ``proxy_cache_key`` is the path plus ``_HLS_msn``/``_HLS_part`` only — never the ticket (it
+  differs per listener and would defeat the cache); tickets are checked at the edge itself
+  (the admission design's edge check is included where ``ticket_include`` says).
+- ``proxy_cache_lock on``: while one request for an object is on its way to the origin, the
+  others wait for its answer instead of going too. A blocking playlist reload is held at the
+  origin for up to three target durations (6 s by default), so the lock's timeout and age are
+  longer than that (``hold_seconds``); otherwise waiting requests would fall through to the
+  origin uncached (the LL-HLS practice noted in the design).
+- Lifetimes come from the origin's ``Cache-Control`` (immutable parts and segments, a short
+  life for playlists, cacheable blocking reloads); responses marked ``private`` (the one that
+  hands a listener its ticket cookie) are never stored.
+- ``proxy_cache_use_stale`` with ``updating`` and errors, and ``proxy_cache_background_update``:
+  an origin hiccup or a slow refresh does not reach listeners; they get the last good copy.
+- Upstream keep-alive, HTTP/1.1 to the origins; listener requests are balanced by the space's
+  id (a consistent hash), so one space's objects are asked of one origin per edge — normally
+  the node running its stage, which otherwise relays to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeSettings:
+    origins: Sequence[str]  # "host:port" of each townhall node
+    listen: str = "0.0.0.0:8081"  # an edge listens for the public
+    prefix: str = "/var/lib/townhall-edge"  # cache, temp files, pid and logs live here
+    workers: str = "auto"
+    cache_size: str = "2g"
+    hold_seconds: int = 10  # > the origin's longest blocking-reload hold (3 x target, 6 s)
+    ticket_include: str = ""  # an nginx snippet checking the listener ticket at the edge
+
+
+TEMPLATE = """\
+# townhall listener edge (rendered by townhall.scaleout.edge; see docs/architecture.md).
+worker_processes {workers};
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 8192; }}
+
+http {{
+    access_log off;
+    server_tokens off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+
+    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=townhall_hls:64m max_size={cache_size}
+                     inactive=10m use_temp_path=off;
+
+    upstream townhall_hls {{
+        hash $space consistent;
+{servers}
+        keepalive 64;
+    }}
+
+    upstream townhall_api {{
+{servers}
+        keepalive 64;
+    }}
+
+    server {{
+        listen {listen};
+
+        location ~ "^/hls/(?<space>[A-Za-z0-9]{{1,16}})/" {{
+{ticket}
+            proxy_pass http://townhall_hls;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+
+            proxy_cache townhall_hls;
+            proxy_cache_key "$uri|$arg__HLS_msn|$arg__HLS_part";
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout {hold}s;
+            proxy_cache_lock_age {hold}s;
+            proxy_read_timeout {read_timeout}s;
+            proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
+            proxy_cache_background_update on;
+            proxy_cache_revalidate on;
+            add_header X-Cache $upstream_cache_status always;
+        }}
+
+        location / {{
+            proxy_pass http://townhall_api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+NO_TICKET_CHECK = (
+    "            # No edge ticket check configured: cached objects are served to anyone who\n"
+    "            # reaches this edge. Include the admission design's check here in production."
+)
+
+
+def render(settings: EdgeSettings) -> str:
+    """The edge's ``nginx.conf``."""
+    if not settings.origins:
+        raise ValueError("an edge needs at least one origin")
+    for origin in settings.origins:
+        host, _, port = origin.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"an origin is host:port, not {origin!r}")
+    servers = "\n".join(f"        server {o} max_fails=2 fail_timeout=2s;" for o in settings.origins)
+    ticket = f"            include {settings.ticket_include};" if settings.ticket_include else NO_TICKET_CHECK
+    return TEMPLATE.format(
+        workers=settings.workers,
+        prefix=settings.prefix,
+        cache_size=settings.cache_size,
+        servers=servers,
+        listen=settings.listen,
+        ticket=ticket,
+        hold=settings.hold_seconds,
+        read_timeout=settings.hold_seconds + 5,
+    )
+
+
+# The file shipped in deploy/nginx/edge.conf: the compose fleet's edge (two nodes).
+SHIPPED = EdgeSettings(
+    origins=["node1:8080", "node2:8080"],
+    listen="0.0.0.0:8081",
+    prefix="/var/cache/townhall-edge",
+    ticket_include="/etc/nginx/townhall/ticket.conf",
+)
