@@ -162,3 +162,18 @@ def test_the_fast_path_answers_exactly_as_the_routes_do(live: Cast) -> None:
         metrics = httpx.get(f"{live.server.url}/metrics").text
         assert 'route="/hls/{space_id}/{name}",status="200"' in metrics
         assert 'route="/hls/{space_id}/live.m3u8",status="200"' in metrics
+
+
+def test_a_blocking_reload_that_cannot_be_answered_gets_the_error_model(live: Cast) -> None:
+    """Held on the fast path: a part that will never come (the space ended) is a 503 in the
+    one error model, as the route would answer it."""
+    ticket = live.listener.post(live.path("/join")).json()["ticket"]
+    url = f"{live.server.url}/hls/{live.space_id}/live.m3u8"
+    with httpx.Client(timeout=30, cookies={COOKIE: ticket}) as c:
+        follower = Follower()
+        follower.update(parse_media_playlist(playlist_when_ready(c, url).text))
+        msn, _ = follower.blocking_request()
+        assert live.host.post(live.path("/end")).status_code == 200
+        later = msn + 1  # past anything the ended stream can still have flushed
+        assert_error(c.get(url, params={"_HLS_msn": later, "_HLS_part": 0}), 503, "not_yet_available")
+        assert_error(c.get(url, params={"_HLS_msn": later + 5}), 400, "bad_blocking_request")

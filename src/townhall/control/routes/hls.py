@@ -19,6 +19,7 @@ the path and ``_HLS_msn``/``_HLS_part`` only and checks the ticket itself (docs/
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from typing import Annotated
@@ -31,7 +32,7 @@ from townhall.audience.origin import SpaceStream
 from townhall.audience.playlist import BlockingRequestError, check_blocking_request, has_part
 from townhall.control.deps import NodeDep
 from townhall.control.node import Node
-from townhall.errors import BadRequest, Forbidden, NotFound, NotYetAvailable, RangeNotSatisfiable
+from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, NotYetAvailable, RangeNotSatisfiable
 
 router = APIRouter(tags=["listeners"])
 
@@ -258,6 +259,16 @@ def _admitted(node: Node, token: bytes, space_id: str) -> bool:
     return ticket.space_id == space_id and ticket.expires_at > now
 
 
+async def _error(send: Send, exc: ApiError) -> None:
+    """The one error model (``control/app.py``), for an error met on the fast path."""
+    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(exc.retry_after).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _cookie(header: bytes) -> bytes | None:
     for chunk in header.split(b";"):
         name, _, value = chunk.strip().partition(b"=")
@@ -314,9 +325,19 @@ async def _fast(route: str, scope: Scope, send: Send) -> bool:
             if part is not None:
                 return False
             cache = _LIVE_CACHE
-        elif (part is not None and part >= stream.segment_parts) or not has_part(stream.segments, msn, part):
-            return False  # invalid, or it has to wait: the route does both
         else:
+            if not has_part(stream.segments, msn, part):
+                # A blocking reload held here (thousands at once near the live edge): the
+                # same rules and wait as the route, without its cost per waiting request.
+                try:
+                    check_blocking_request(stream.segments, msn, part, stream.segment_parts)
+                except BlockingRequestError:
+                    return False  # the route answers 400
+                if not await stream.wait_for(msn, part, 3 * stream.spec.target_duration):
+                    await _error(send, NotYetAvailable("the requested part did not appear in time"))
+                    return True
+            elif part is not None and part >= stream.segment_parts:
+                return False  # the route answers 400
             cache = f"public, max-age={6 * stream.spec.target_duration}".encode()
         text = stream.playlist()
         if text is None:
