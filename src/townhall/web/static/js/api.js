@@ -29,8 +29,33 @@ export class ApiError extends Error {
   }
 }
 
-/** One API call; resolves to {status, data, headers}. Non-2xx answers throw ApiError. */
-export async function call(method, path, body, { signal, headers = {}, cache } = {}) {
+const OVERLOAD_RETRIES = 3;
+
+const pause = (seconds, signal) => new Promise((resolve, reject) => {
+  const timer = setTimeout(resolve, seconds * 1000);
+  signal?.addEventListener("abort", () => {
+    clearTimeout(timer);
+    reject(new DOMException("aborted", "AbortError"));
+  }, { once: true });
+});
+
+/**
+ * One API call; resolves to {status, data, headers}. Non-2xx answers throw ApiError.
+ * A node shedding load answers 503 "overloaded" before it touches the request, so the request
+ * is sent again after its Retry-After (a few times), whatever its method.
+ */
+export async function call(method, path, body, options = {}) {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await callOnce(method, path, body, options);
+    } catch (err) {
+      if (err.status !== 503 || err.code !== "overloaded" || attempt >= OVERLOAD_RETRIES) throw err;
+      await pause(Math.min(err.retryAfter ?? 2, 5), options.signal);
+    }
+  }
+}
+
+async function callOnce(method, path, body, { signal, headers = {}, cache } = {}) {
   const h = { Accept: "application/json", ...headers };
   const s = session();
   if (s) h.Authorization = `Bearer ${s.token}`;

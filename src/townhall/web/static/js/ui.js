@@ -68,7 +68,10 @@ export async function nav() {
   try {
     account = await me();
   } catch {
-    account = null;
+    // The node is busy or unreachable: keep the session (only a 401 ends it) and show who we
+    // believe is logged in.
+    const s = session();
+    account = s ? { handle: s.handle, is_admin: false, unconfirmed: true } : null;
   }
   box.replaceChildren();
   if (account) {
@@ -89,7 +92,6 @@ export async function nav() {
       }, "Log out"),
     );
   } else {
-    if (session()) clearSession();
     const next = `?next=${encodeURIComponent(location.pathname)}`;
     box.append(el("a", { href: `/login${next}` }, "Log in"), el("a", { href: `/signup${next}`, class: "button primary" }, "Sign up"));
   }
