@@ -238,6 +238,14 @@ def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> 
     origin = origin_plan(stream, one, edges, inputs, a)
     ceiling = inputs["redis_ops_per_core"].value * a.utilisation / a.redis_update_commands
     notes = []
+    playlist_share = (
+        one.playlists_per_s * wire_bytes(inputs["playlist_bytes"].value + a.response_header_bytes)
+    ) / one.bytes_per_s
+    if playlist_share > 0.15:
+        notes.append(
+            f"playlists are {playlist_share:.0%} of what the edges send: compressing them at the edge, "
+            "or delta updates (EXT-X-SKIP, RFC 8216bis 6.2.5.1), would cut that share"
+        )
     renewals = stream.listeners * one.renewals_per_s
     if renewals > ceiling:
         notes.append(

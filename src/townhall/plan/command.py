@@ -46,6 +46,12 @@ def add_parser(sub: Any) -> None:
         "--max-wait", type=float, default=300.0, help="longest wait in the waiting room, s (default 300)"
     )
     plan.add_argument("--join-rate", type=float, help="the fleet's admission rate (default: from --max-wait)")
+    plan.add_argument(
+        "--max-retry-after",
+        type=int,
+        default=30,
+        help="the waiting room's longest Retry-After, s (default 30, as the admission code)",
+    )
     plan.add_argument("--nic-gbps", type=float, help="edge NIC, Gb/s (default 10)")
     plan.add_argument("--edge-cores", type=int, help="cores per edge machine (default 16)")
     plan.add_argument(
@@ -68,7 +74,7 @@ def command_line(args: argparse.Namespace) -> str:
     words = [
         f"townhall plan --listeners {args.listeners} --bitrate {args.bitrate} --part {args.part:g}",
         f"--segment-parts {args.segment_parts} --first-minute {args.first_minute}",
-        f"--max-wait {args.max_wait:g}",
+        f"--max-wait {args.max_wait:g} --max-retry-after {args.max_retry_after}",
     ]
     for flag, value in (
         ("--join-rate", args.join_rate),
@@ -122,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
             inputs_name=str(args.inputs) if args.inputs else "--inputs",
         )
         spec = StormSpec(
-            first_minute=args.first_minute, max_wait_seconds=args.max_wait, admission_rate=args.join_rate
+            first_minute=args.first_minute,
+            max_wait_seconds=args.max_wait,
+            admission_rate=args.join_rate,
+            max_retry_after=args.max_retry_after,
         )
         stream = Stream(args.listeners, args.bitrate, args.part, args.segment_parts)
         plan = make_plan(stream, figures, assumptions, spec)

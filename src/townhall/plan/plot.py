@@ -77,6 +77,7 @@ def write_png(plan: Plan, path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(minutes, [p.edge_gbps for p in load], color="#999", ls="--", label="Gb/s out of the edges")
     ax2.set_ylabel("Gb/s (dashed)")
+    ax2.set_ylim(bottom=0)
     ax.set_title(
         f"{plan.fleet.edges.deployed} edges, {plan.fleet.edges.listeners_per_edge:,} listeners each at the "
         f"ceiling",
@@ -117,6 +118,7 @@ def write_png(plan: Plan, path: Path) -> None:
         minutes, [p.redis_commands_per_s / 1e3 for p in load], color="#333", lw=1, label="Redis commands/s"
     )
     ax2.set_ylabel("Redis commands/s, thousands")
+    ax2.set_ylim(bottom=0)
     ax.set_title(f"{plan.node_processes} node processes, {plan.redis_shards} Redis shard(s)", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     ax2.legend(fontsize=7, loc="center right")
