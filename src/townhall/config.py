@@ -88,6 +88,38 @@ class Config:
     page_size_max: int = 100
     # Seconds a readiness probe waits for the database before reporting not ready.
     readiness_timeout_seconds: float = 2.0
+    # -- admission (docs/configuration.md, "Admission", says how each default was chosen) ----
+    # Capacity of one space and of this node: live tickets at once, new admissions per second
+    # (a token bucket with this burst). Over either, joins wait in the space's waiting room.
+    space_max_listeners: int = 1_000_000
+    space_join_rate: float = 2000.0
+    space_join_burst: float = 2000.0
+    node_max_listeners: int = 200_000
+    node_join_rate: float = 2000.0
+    node_join_burst: float = 2000.0
+    # A queue token is good for this long after its arrival.
+    queue_token_ttl_seconds: int = 3600
+    # Limits of new joins, and of renewals and waiting-room returns (higher): per address, per
+    # network (/24 of IPv4, /56 of IPv6), per account or listener.
+    join_limit_per_address: str = "60/minute"
+    join_limit_per_network: str = "1200/minute"
+    join_limit_per_account: str = "30/minute"
+    renew_limit_per_address: str = "600/minute"
+    renew_limit_per_network: str = "12000/minute"
+    renew_limit_per_account: str = "120/minute"
+    # A space's state and block list are read at most this often per node by joins; a bearer
+    # token is resolved at most this often per node by joins.
+    admission_snapshot_seconds: float = 1.0
+    admission_session_cache_seconds: float = 5.0
+    # Shedding (CoDel): the queueing delay target and the interval it must hold for.
+    shed_target_ms: float = 5.0
+    shed_interval_ms: float = 100.0
+    # Attack mode: on when refused requests pass this rate (per second); proof-of-work
+    # difficulty in leading zero bits (base, and the cap as the rate rises); challenge life.
+    attack_threshold_per_second: float = 200.0
+    pow_base_bits: int = 14
+    pow_max_bits: int = 22
+    pow_challenge_ttl_seconds: int = 120
 
     @property
     def effective_database_url(self) -> str:

@@ -42,10 +42,16 @@ class LimitsLimiter:
         self._rules: dict[str, RateLimitItem] = {}
 
     @classmethod
-    def from_url(cls, url: str | None) -> LimitsLimiter:
+    def from_url(cls, url: str | None, prefix: str = "townhall") -> LimitsLimiter:
         if not url or url == "memory://":
             return cls(MemoryStorage())
-        storage = storage_from_string(url.replace("redis://", "async+redis://", 1))
+        # redis-py's asyncio client (the ``redis`` package), the one the waiting room uses too;
+        # keys under the deployment's ``redis_prefix``.
+        storage = storage_from_string(
+            url.replace("redis://", "async+redis://", 1),
+            implementation="redispy",
+            key_prefix=f"{prefix}:limits",
+        )
         return cls(cast(Storage, storage))
 
     def _rule(self, rule: str) -> RateLimitItem:
@@ -66,3 +72,9 @@ class LimitsLimiter:
         # Redis counters must outlive this node, so they are left alone.
         if isinstance(self._storage, MemoryStorage):
             await self._storage.reset()
+            return
+        # Close the Redis connections (not the counters) on the loop that opened them.
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        closing = getattr(client, "aclose", None)
+        if closing is not None:
+            await closing()

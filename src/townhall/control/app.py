@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from townhall.control.node import Node
-from townhall.control.routes import accounts, admin, hls, media, posts, replay, spaces
+from townhall.control.routes import accounts, admin, admission, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
+from townhall.control.shed import SheddingMiddleware
 from townhall.errors import ApiError
 from townhall.scaleout.relay import PlacementRelay
 from townhall.stage.process import StageCollector
@@ -34,7 +35,7 @@ from townhall.web import pages
 logger = logging.getLogger(__name__)
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -81,6 +82,8 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     app.add_middleware(hls.FastPath)  # inside the metrics: listener requests are counted too
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=node.config.max_body_bytes)
+    # Outermost: a shed request costs no body read, no metrics label, no database call.
+    app.add_middleware(SheddingMiddleware, admission=node.admission)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
@@ -103,6 +106,7 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     app.include_router(posts.router)
     app.include_router(admin.router)
     app.include_router(spaces.router)
+    app.include_router(admission.router)
     app.include_router(media.router)
     app.include_router(replay.router)  # before hls: its /hls/{id}/{name} would take replay.m3u8
     app.include_router(hls.router)

@@ -12,9 +12,13 @@ import socket
 import time
 from collections.abc import Callable
 
+from townhall.admission.gate import Admission
 from townhall.admission.limiter import Limiter, LimitsLimiter
+from townhall.admission.pow import POW_PURPOSE, PowBook
+from townhall.admission.queue_store import queue_store_from_url
 from townhall.admission.tickets import PURPOSE as TICKET_PURPOSE
 from townhall.admission.tickets import TicketBook
+from townhall.admission.waiting_room import QUEUE_PURPOSE, QueueTokenBook
 from townhall.audience.origin import Origin
 from townhall.audience.playlist import PlaylistSpec
 from townhall.config import Config, ConfigError
@@ -57,6 +61,7 @@ class Node:
     stage: StageProcess
     origin: Origin
     placement: Placement
+    admission: Admission
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
@@ -87,16 +92,28 @@ class Node:
                 log_level=config.log_level,
             ),
         )
+        limiter = limiter or LimitsLimiter.from_url(config.redis_url or None, config.redis_prefix)
+        tickets = TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds)
+        admission = Admission(
+            config,
+            database=database,
+            limiter=limiter,
+            store=queue_store_from_url(config.redis_url or None, config.redis_prefix),
+            tickets=tickets,
+            queue_tokens=QueueTokenBook(Signer(keys, QUEUE_PURPOSE), config.queue_token_ttl_seconds),
+            pow_book=PowBook(Signer(keys, POW_PURPOSE), config.pow_challenge_ttl_seconds),
+            clock=time.time,
+        )
         node = cls(
             config=config,
             database=database,
             hasher=PasswordHasher(
                 config.argon2_time_cost, config.argon2_memory_kib, config.argon2_parallelism
             ),
-            limiter=limiter or LimitsLimiter.from_url(config.redis_url or None),
+            limiter=limiter,
             bus=bus,
             grants=GrantBook(Signer(keys, GRANT_PURPOSE), config.speaker_token_ttl_seconds),
-            tickets=TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds),
+            tickets=tickets,
             hub=LiveHub(database, bus, time.time, levels=stage.levels),
             stage=stage,
             origin=origin,
@@ -110,6 +127,7 @@ class Node:
                 if config.redis_url
                 else LocalPlacement(config.effective_public_url)
             ),
+            admission=admission,
         )
         if isinstance(bus, RedisEventBus):
             bus.on_remote = node.apply_remote
@@ -118,6 +136,7 @@ class Node:
     def set_clock(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.hub.clock = clock
+        self.admission.clock = clock
 
     async def start(self) -> None:
         self.config.data.mkdir(parents=True, exist_ok=True)
@@ -139,6 +158,7 @@ class Node:
         await self.placement.close()
         if isinstance(self.bus, RedisEventBus):
             await self.bus.close()
+        await self.admission.close()
         await self.limiter.close()
         await self.database.close()
 
@@ -167,8 +187,9 @@ class Node:
                 # The stage is restarting: it comes back with no sessions, and every speaker
                 # who reconnects is checked (and muted) against the database again.
                 logger.warning("stage unavailable for an event", extra={"space": event.space_id})
-            if isinstance(event, StageChanged | SpaceEnded):
+            if isinstance(event, StageChanged | SpaceEnded | SpaceStarted):
                 self.hub.invalidate(event.space_id)  # read-your-writes for the caller
+                self.admission.snapshots.invalidate(event.space_id)  # joins see ends and blocks
             await self.bus.publish(event)
 
     async def apply_remote(self, event: SpaceEvent) -> None:

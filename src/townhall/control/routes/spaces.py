@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from townhall.admission.tickets import listener_id
 from townhall.control.deps import (
     Caller,
     DbDep,
@@ -24,10 +23,8 @@ from townhall.control.deps import (
 )
 from townhall.control.node import Node
 from townhall.control.routes import replay
-from townhall.control.routes.hls import set_ticket_cookie
 from townhall.control.schemas import (
     HandleBody,
-    JoinOut,
     NotificationList,
     NotificationOut,
     ReactionBody,
@@ -262,8 +259,9 @@ async def block(space_id: SpaceId, body: HandleBody, caller: Caller, node: NodeD
 
 
 @router.delete("/spaces/{space_id}/blocks/{handle}", status_code=204)
-async def unblock(space_id: SpaceId, handle: Handle, caller: Caller, db: DbDep) -> Response:
+async def unblock(space_id: SpaceId, handle: Handle, caller: Caller, node: NodeDep, db: DbDep) -> Response:
     await service.unblock(db, caller, space_id, handle)
+    node.admission.snapshots.invalidate(space_id)  # joins on this node see it at once
     return Response(status_code=204)
 
 
@@ -296,30 +294,7 @@ async def notifications(
     )
 
 
-# -- listeners -----------------------------------------------------------------------------------
-
-
-@router.post("/spaces/{space_id}/join", response_model=JoinOut)
-async def join(
-    request: Request, response: Response, space_id: SpaceId, viewer: MaybeCaller, node: NodeDep, db: DbDep
-) -> JoinOut:
-    """Join as a listener: a signed ticket and the live playlist's URL. The ticket is also set
-    as the `townhall_ticket` cookie of `/hls/{id}/`, so players need not carry it themselves."""
-    space = await service.get_space(db, space_id)
-    service.require_state(space, ("live",))
-    if viewer is not None and await service.is_blocked(db, space.id, viewer.account.id):
-        raise Forbidden("you are blocked from this space", code="blocked")
-    listener = listener_id(viewer.account.id if viewer else None)
-    ticket, issued = node.tickets.issue(space.id, listener, node.clock())
-    node.hub.listener_seen(space.id, listener)
-    set_ticket_cookie(response, node, ticket, issued)
-    response.headers["Cache-Control"] = "private, no-store"
-    return JoinOut(
-        ticket=ticket,
-        hls_url=f"{public_base(request, node)}/hls/{space.id}/live.m3u8?ticket={ticket}",
-        expires_at=iso(issued.expires_at),
-        listener=listener,
-    )
+# -- listeners (joins and renewals: control/routes/admission.py) ---------------------------------
 
 
 @router.post("/spaces/{space_id}/reactions", status_code=202)

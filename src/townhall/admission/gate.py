@@ -1,0 +1,342 @@
+"""The admission gate: what a join or a renewal goes through, in order of cost.
+
+1. Limits per address, per network (/24 of IPv4, /56 of IPv6) and per account (``limits``
+   moving windows; memory or Redis).
+2. In attack mode, an anonymous join must carry a solved proof of work (one HMAC, one SHA-256).
+3. The space's state and block list, from a per-node snapshot rebuilt at most once per
+   ``snapshot_ttl`` and dropped at once when a local event changes the space: a join storm on
+   one space costs the database one small read a second, not one per join.
+4. Capacity: the node's own caps (in memory: a node knows what it carries), then the space's
+   waiting room (``waiting_room`` arithmetic on a ``QueueStore``).
+5. A ticket: one HMAC. Nothing is written to the database.
+
+Every refusal on the way (429, a wrong proof) is counted towards attack mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from townhall.admission import waiting_room as wr
+from townhall.admission.limiter import Limiter
+from townhall.admission.pow import AttackMode, Challenge, PowBook, PowError
+from townhall.admission.queue_store import AlreadyUsed, QueueStore
+from townhall.admission.shedding import Shedder
+from townhall.admission.tickets import Ticket, TicketBook, TicketError, listener_id
+from townhall.admission.waiting_room import QueueTokenBook, QueueTokenError
+from townhall.config import Config
+from townhall.errors import Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
+from townhall.security.tokens import token_digest
+from townhall.storage.database import Database
+from townhall.storage.models import Session, Space, SpaceBlock
+
+logger = logging.getLogger(__name__)
+
+
+def network_of(address: str) -> str:
+    """The /24 of an IPv4 address or the /56 of an IPv6 one (a home or an office: what one
+    party controls), as text; the address itself when it is not an IP."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 56
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceSnapshot:
+    state: str
+    blocked: frozenset[int]
+    built_at: float
+
+
+class SpaceSnapshots:
+    """State and block list of spaces, read at most once per ``ttl`` per space per node;
+    concurrent readers share one read."""
+
+    def __init__(self, database: Database, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.database = database
+        self.ttl = ttl
+        self.clock = clock
+        self._snaps: dict[str, SpaceSnapshot | None] = {}
+        self._built: dict[str, float] = {}
+        self._pending: dict[str, asyncio.Future[SpaceSnapshot | None]] = {}
+        self.reads = 0
+
+    async def get(self, space_id: str) -> SpaceSnapshot | None:
+        now = self.clock()
+        if space_id in self._snaps and now - self._built[space_id] < self.ttl:
+            return self._snaps[space_id]
+        pending = self._pending.get(space_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[SpaceSnapshot | None] = asyncio.get_running_loop().create_future()
+        self._pending[space_id] = future
+        try:
+            snap = await self._read(space_id, now)
+            if len(self._snaps) > 10_000:  # unknown ids from a scan must not grow memory
+                self._snaps.clear()
+                self._built.clear()
+            self._snaps[space_id], self._built[space_id] = snap, now
+            future.set_result(snap)
+            return snap
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            del self._pending[space_id]
+
+    async def _read(self, space_id: str, now: float) -> SpaceSnapshot | None:
+        self.reads += 1
+        async with self.database.session() as db:
+            state = (await db.execute(select(Space.state).where(Space.id == space_id))).scalar()
+            if state is None:
+                return None
+            blocked = (
+                await db.execute(select(SpaceBlock.account_id).where(SpaceBlock.space_id == space_id))
+            ).scalars()
+            return SpaceSnapshot(state, frozenset(blocked), now)
+
+    def invalidate(self, space_id: str) -> None:
+        self._snaps.pop(space_id, None)
+
+
+class SessionCache:
+    """Bearer token -> account id for joins, remembered ``ttl`` seconds (a join storm of logged
+    in listeners costs one read per listener, not per retry). A logout or expiry takes effect
+    on joins within ``ttl``."""
+
+    def __init__(self, database: Database, ttl: float, clock: Callable[[], float]) -> None:
+        self.database = database
+        self.ttl = ttl
+        self.clock = clock
+        self._known: dict[str, tuple[int | None, float]] = {}
+
+    async def account_id(self, token: str) -> int:
+        now = self.clock()
+        digest = token_digest(token)
+        hit = self._known.get(digest)
+        if hit is None or now - hit[1] >= self.ttl:
+            async with self.database.session() as db:
+                row = (
+                    await db.execute(
+                        select(Session.account_id, Session.expires_at, Session.revoked_at).where(
+                            Session.token_hash == digest
+                        )
+                    )
+                ).first()
+            account = None if row is None or row[2] is not None or row[1] <= now else int(row[0])
+            if len(self._known) > 100_000:
+                self._known.clear()
+            hit = self._known[digest] = (account, now)
+        if hit[0] is None:
+            raise Unauthorized("unknown, expired or revoked token", code="invalid_token")
+        return hit[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    token: str
+    ticket: Ticket
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    token: str
+    queue: wr.QueueToken
+    wait: wr.Wait
+
+
+class Admission:
+    """A node's admission: limits, attack mode, shedding, capacity and the waiting room."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        database: Database,
+        limiter: Limiter,
+        store: QueueStore,
+        tickets: TicketBook,
+        queue_tokens: QueueTokenBook,
+        pow_book: PowBook,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.limiter = limiter
+        self.store = store
+        self.tickets = tickets
+        self.queue_tokens = queue_tokens
+        self.pow_book = pow_book
+        self.clock = clock
+        self.snapshots = SpaceSnapshots(database, config.admission_snapshot_seconds)
+        self.sessions = SessionCache(database, config.admission_session_cache_seconds, time.monotonic)
+        self.attack = AttackMode(
+            threshold=config.attack_threshold_per_second,
+            base_bits=config.pow_base_bits,
+            max_bits=config.pow_max_bits,
+        )
+        self.shedder = Shedder(target=config.shed_target_ms / 1000, interval=config.shed_interval_ms / 1000)
+        ttl = float(config.ticket_ttl_seconds)
+        self.space_cap = wr.Capacity(
+            config.space_max_listeners, config.space_join_rate, config.space_join_burst, ttl
+        )
+        self.node_cap = wr.Capacity(
+            config.node_max_listeners, config.node_join_rate, config.node_join_burst, ttl
+        )
+        self.node_counters = wr.Counters()
+        self.refused = 0
+
+    # -- refusals --------------------------------------------------------------------------------
+
+    def rejected(self, count: int = 1) -> None:
+        self.refused += count
+        self.attack.rejected(self.clock(), count)
+
+    async def _limit(self, rule: str, *key: str) -> None:
+        decision = await self.limiter.hit(rule, *key)
+        if not decision.allowed:
+            self.rejected()
+            raise TooManyRequests(
+                f"too many joins from here; retry in {decision.retry_after} s",
+                retry_after=decision.retry_after,
+            )
+
+    def _rules(self, kind: str) -> tuple[str, str, str]:
+        c = self.config
+        if kind == "join":
+            return c.join_limit_per_address, c.join_limit_per_network, c.join_limit_per_account
+        return c.renew_limit_per_address, c.renew_limit_per_network, c.renew_limit_per_account
+
+    async def limit_address(self, kind: str, address: str) -> None:
+        """``kind`` "join" (new joins) or "renew" (renewals and queue returns: a higher
+        allowance). Counted per address and per network."""
+        rules = self._rules(kind)
+        await self._limit(rules[0], kind, "addr", address)
+        await self._limit(rules[1], kind, "net", network_of(address))
+
+    async def limit_listener(self, kind: str, who: str) -> None:
+        """Per account (``a<id>``) or per anonymous listener id."""
+        await self._limit(self._rules(kind)[2], kind, "who", who)
+
+    # -- proof of work ---------------------------------------------------------------------------
+
+    def challenge(self) -> Challenge:
+        now = self.clock()
+        bits = self.attack.difficulty(now) or self.config.pow_base_bits
+        return self.pow_book.issue(bits, now)
+
+    async def check_pow(self, challenge: str | None, nonce: str | None) -> None:
+        now = self.clock()
+        if not self.attack.active(now):
+            return
+        if not challenge or not nonce:
+            self.rejected()
+            raise Forbidden(
+                "the node is under attack: anonymous joins need a proof of work "
+                "(GET /api/v1/pow/challenge, then send pow_challenge and pow_nonce), or log in",
+                code="pow_required",
+            )
+        # Accept any challenge at least the base difficulty: a client that fetched one just
+        # before the difficulty rose has already spent its work.
+        try:
+            solved = self.pow_book.check(challenge, nonce, now, min_difficulty=self.config.pow_base_bits)
+        except PowError as exc:
+            self.rejected()
+            raise Forbidden(str(exc), code=exc.code) from exc
+        once = await self.limiter.hit(f"1/{int(self.pow_book.ttl) + 1}second", "pow", solved.id)
+        if not once.allowed:
+            self.rejected()
+            raise Forbidden("this proof of work has already been used", code="pow_reused")
+
+    # -- joins -----------------------------------------------------------------------------------
+
+    async def live_space(self, space_id: str) -> SpaceSnapshot:
+        snap = await self.snapshots.get(space_id)
+        if snap is None:
+            raise NotFound("no such space", code="space_not_found")
+        if snap.state == "ended":
+            raise Conflict("this space has ended", code="space_ended")
+        if snap.state != "live":
+            raise Conflict("this space has not started", code="space_not_live")
+        return snap
+
+    async def join(self, space_id: str, account: int | None, queue_token: str | None) -> Admitted | Queued:
+        """After limits and proof: the snapshot, the block list, capacity, then a ticket or a
+        place in the queue."""
+        snap = await self.live_space(space_id)
+        if account is not None and account in snap.blocked:
+            raise Forbidden("you are blocked from this space", code="blocked")
+        now = self.clock()
+        expires = round(now + self.tickets.ttl, 3)
+        node_ok = wr.has_room(self.node_counters, self.node_cap, now)
+        if queue_token:
+            try:
+                queued = self.queue_tokens.check(queue_token, space_id, now)
+            except QueueTokenError as exc:
+                raise Forbidden(str(exc), code=exc.code) from exc
+            number = queued.number
+            try:
+                decision = await self.store.update(
+                    space_id,
+                    lambda c: wr.claim(c, self.space_cap, number, now, expires, elsewhere_ok=node_ok),
+                    claim=number,
+                )
+            except AlreadyUsed:
+                raise Conflict(
+                    "this queue token has already admitted a listener", code="queue_token_used"
+                ) from None
+            text = queue_token
+        else:
+            decision = await self.store.update(
+                space_id, lambda c: wr.join(c, self.space_cap, now, expires, elsewhere_ok=node_ok)
+            )
+            if isinstance(decision, wr.Wait):
+                text, queued = self.queue_tokens.issue(space_id, decision.number, now)
+        if isinstance(decision, wr.Wait):
+            return Queued(text, queued, decision)
+        if not wr.take(self.node_counters, self.node_cap, now, expires):
+            wr.count_ticket(self.node_counters, self.node_cap, expires)  # admitted from the queue
+        listener = listener_id(account)
+        token, ticket = self.tickets.issue(space_id, listener, now)
+        return Admitted(token, ticket)
+
+    async def renew(self, space_id: str, token: str) -> Admitted:
+        """A fresh ticket for a still valid one of the same space and listener: no database
+        (the snapshot answers whether the space is live and the listener not blocked)."""
+        now = self.clock()
+        try:
+            old = self.tickets.check(token, space_id, now)
+        except TicketError as exc:
+            raise Forbidden(str(exc), code=exc.code) from exc
+        snap = await self.live_space(space_id)
+        who = old.listener
+        if who.startswith("a") and who[1:].isdigit() and int(who[1:]) in snap.blocked:
+            raise Forbidden("you are blocked from this space", code="blocked")
+        text, ticket = self.tickets.issue(space_id, old.listener, now)
+        await self.store.update(
+            space_id, lambda c: wr.renew(c, self.space_cap, old.expires_at, ticket.expires_at, now)
+        )
+        wr.renew(self.node_counters, self.node_cap, old.expires_at, ticket.expires_at, now)
+        return Admitted(text, ticket)
+
+    def listener_of(self, token: str, space_id: str) -> str | None:
+        """The listener id of a ticket (for the renewal limit), if it is genuine."""
+        try:
+            return self.tickets.check(token, space_id, self.clock()).listener
+        except TicketError:
+            return None
+
+    async def close(self) -> None:
+        await self.store.close()

@@ -1,0 +1,233 @@
+"""The waiting room's arithmetic (pure: every function takes ``now``).
+
+Theory of operation. A space admits listeners at a rate (``Capacity.rate`` joins/s, a token
+bucket of ``burst``) while fewer than ``max_active`` tickets are alive. When a join finds no
+room, or finds people already waiting, it is not admitted: it draws the next arrival number,
+like the paper ticket at a bakery counter, and is handed a signed queue token carrying that
+number. The server keeps only counters per space:
+
+- ``arrivals``: numbers handed out; ``released``: every number below it may come in;
+- ``tokens``/``refilled_at``: the admission-rate bucket;
+- ``active``: live tickets counted by the bucket of time in which they expire.
+
+Time moves ``released`` on: each rate token, while live tickets are under the cap, releases the
+next number in arrival order. A waiter re-presents its token; if its number is released and the
+cap has room, it is admitted (once: the caller keeps one bit per arrival number so a token
+cannot admit twice). Its position is ``number - released + 1``, which only goes down, since
+``released`` only goes up; the estimated wait is ``position / rate``.
+
+Nobody says when they leave: a listener counts as active until its ticket expires, and a
+renewal moves it from its old ticket's bucket to the new one's. A released waiter who never
+comes back costs one rate token, never a place under the cap; the cap is checked when a waiter
+actually comes in, so a burst of returns can never push the room over it (a released waiter who
+finds it full is told it is next, position 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from townhall.security.signing import SignatureError, Signer
+
+QUEUE_PURPOSE = "townhall queue token v1"
+# Refills are sums of float products: a token due at t must not wait for the next request.
+EPSILON = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """Limits of one pool of listeners (a space, or a whole node)."""
+
+    max_active: int
+    rate: float  # admissions per second
+    burst: float  # admissions allowed at once after a quiet spell
+    ticket_ttl: float  # a ticket counts as active until it expires
+    bucket_seconds: float = 10.0
+    max_retry_after: int = 30
+
+
+@dataclasses.dataclass
+class Counters:
+    """Everything the server keeps about one pool: counters, no per-waiter state."""
+
+    arrivals: int = 0
+    released: int = 0
+    tokens: float = 0.0
+    refilled_at: float = -1.0  # never touched: the bucket starts full
+    # Live tickets by expiry bucket (bucket index = ceil(expires_at / bucket_seconds)).
+    active: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def active_count(self, cap: Capacity, now: float) -> int:
+        floor = math.ceil(now / cap.bucket_seconds)
+        return sum(n for b, n in self.active.items() if b >= floor)
+
+    # Flat form for a Redis hash.
+    def to_fields(self) -> dict[str, str]:
+        fields = {
+            "a": str(self.arrivals),
+            "r": str(self.released),
+            "k": repr(self.tokens),
+            "t": repr(self.refilled_at),
+        }
+        fields.update({f"b{b}": str(n) for b, n in self.active.items()})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Counters:
+        c = cls()
+        if not fields:
+            return c
+        c.arrivals = int(fields.get("a", 0))
+        c.released = int(fields.get("r", 0))
+        c.tokens = float(fields.get("k", 0.0))
+        c.refilled_at = float(fields.get("t", -1.0))
+        c.active = {int(k[1:]): int(v) for k, v in fields.items() if k.startswith("b")}
+        return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Admit:
+    """Come in: issue a ticket (and count it with ``count_ticket``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """Not yet: the arrival number, its honest position (1 = next), an estimated wait."""
+
+    number: int
+    position: int
+    wait_seconds: float
+    retry_after: int
+
+
+Decision = Admit | Wait
+
+
+def _bucket(cap: Capacity, expires_at: float) -> int:
+    return math.ceil(expires_at / cap.bucket_seconds)
+
+
+def refresh(c: Counters, cap: Capacity, now: float) -> None:
+    """Refill the rate bucket, forget expired tickets, release waiters in arrival order."""
+    burst = max(1.0, cap.burst)
+    if c.refilled_at < 0:
+        c.tokens, c.refilled_at = burst, now
+    elif now > c.refilled_at:
+        c.tokens = min(burst, c.tokens + (now - c.refilled_at) * cap.rate)
+        c.refilled_at = now
+    floor = math.ceil(now / cap.bucket_seconds)
+    for b in [b for b in c.active if b < floor]:
+        del c.active[b]
+    if c.arrivals > c.released and c.active_count(cap, now) < cap.max_active:
+        k = min(c.arrivals - c.released, int(c.tokens + EPSILON))
+        c.released += k
+        c.tokens -= k
+
+
+def count_ticket(c: Counters, cap: Capacity, expires_at: float) -> None:
+    b = _bucket(cap, expires_at)
+    c.active[b] = c.active.get(b, 0) + 1
+
+
+def has_room(c: Counters, cap: Capacity, now: float) -> bool:
+    """Whether a new (unqueued) admission fits right now: nobody waiting, a rate token, and
+    space under the cap."""
+    refresh(c, cap, now)
+    return c.arrivals == c.released and c.tokens + EPSILON >= 1 and c.active_count(cap, now) < cap.max_active
+
+
+def waiting(c: Counters, cap: Capacity, number: int) -> Wait:
+    position = max(1, number - c.released + 1)
+    wait = position / cap.rate if cap.rate > 0 else float(cap.max_retry_after)
+    return Wait(number, position, round(wait, 3), max(1, min(cap.max_retry_after, math.ceil(wait))))
+
+
+def join(c: Counters, cap: Capacity, now: float, expires_at: float, *, elsewhere_ok: bool = True) -> Decision:
+    """A join without a queue token. ``elsewhere_ok`` is the node's own verdict (its caps): a
+    join the node cannot carry queues like any other."""
+    if has_room(c, cap, now) and elsewhere_ok:
+        c.tokens -= 1
+        count_ticket(c, cap, expires_at)
+        return Admit()
+    number = c.arrivals
+    c.arrivals += 1
+    return waiting(c, cap, number)
+
+
+def claim(
+    c: Counters, cap: Capacity, number: int, now: float, expires_at: float, *, elsewhere_ok: bool = True
+) -> Decision:
+    """A waiter re-presents arrival ``number`` (its token's signature already checked, and its
+    single use by the caller). Admitted if released and under the cap."""
+    refresh(c, cap, now)
+    if number >= c.arrivals:
+        # Counters younger than the token (an embedded node restarted): honour its place.
+        c.arrivals = number + 1
+    if number < c.released and c.active_count(cap, now) < cap.max_active and elsewhere_ok:
+        count_ticket(c, cap, expires_at)
+        return Admit()
+    return waiting(c, cap, number)
+
+
+def renew(c: Counters, cap: Capacity, old_expires_at: float, new_expires_at: float, now: float) -> None:
+    """A renewal moves a listener from its old ticket's bucket to its new one's."""
+    refresh(c, cap, now)
+    old = _bucket(cap, old_expires_at)
+    if c.active.get(old, 0) > 0:
+        c.active[old] -= 1
+    count_ticket(c, cap, new_expires_at)
+
+
+def take(c: Counters, cap: Capacity, now: float, expires_at: float) -> bool:
+    """For a pool without a queue (a node): count one admission if it fits."""
+    if not has_room(c, cap, now):
+        return False
+    c.tokens -= 1
+    count_ticket(c, cap, expires_at)
+    return True
+
+
+# -- queue tokens --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueToken:
+    space_id: str
+    number: int
+    arrived_at: float
+    expires_at: float
+
+
+class QueueTokenError(ValueError):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class QueueTokenBook:
+    """Signed queue tokens ``{s: space, n: arrival number, t: arrival time, e: expiry}``: all a
+    waiter's state, carried by the waiter."""
+
+    def __init__(self, signer: Signer, ttl: float) -> None:
+        self.signer = signer
+        self.ttl = ttl
+
+    def issue(self, space_id: str, number: int, arrived_at: float) -> tuple[str, QueueToken]:
+        token = QueueToken(space_id, number, round(arrived_at, 3), round(arrived_at + self.ttl, 3))
+        text = self.signer.sign({"s": space_id, "n": number, "t": token.arrived_at, "e": token.expires_at})
+        return text, token
+
+    def check(self, text: str, space_id: str, now: float) -> QueueToken:
+        try:
+            p = self.signer.verify(text)
+            token = QueueToken(str(p["s"]), int(p["n"]), float(p["t"]), float(p["e"]))
+        except SignatureError as exc:
+            raise QueueTokenError(str(exc), "invalid_queue_token") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QueueTokenError("malformed queue token", "invalid_queue_token") from exc
+        if token.space_id != space_id:
+            raise QueueTokenError("this queue token is for another space", "wrong_space")
+        if token.expires_at <= now:
+            raise QueueTokenError("queue token expired; join again", "queue_token_expired")
+        return token
