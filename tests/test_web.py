@@ -298,8 +298,14 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         shoot(speaker, "speaker")
         shoot(host, "host")
 
-        # The host mutes the speaker: the server drops their audio and the tone stops.
-        host.get_by_role("button", name="Mute @sami").click()
+        # The host makes the speaker a co-host: they get the host controls, and keep talking.
+        host.get_by_role("button", name="Make co-host @sami").click()
+        expect(speaker.get_by_role("heading", name="Host controls")).to_be_visible()
+        expect(listener.locator('.speaker-tile[data-handle="sami"] .role')).to_contain_text("Co-host")
+        wait_for_audio(listener, heard, 10, "the co-host's tone at the listener")
+
+        # The host mutes the co-host: the server drops their audio and the tone stops.
+        host.get_by_role("button", name="Mute @sami").click()  # a host may mute a co-host
         expect(host.get_by_role("button", name="Unmute @sami")).to_be_visible()
         muted = wait_for_audio(listener, lambda m: m["toneDb"] < GONE_DBFS, 10, "silence after the mute")
         assert not muted[-1]["paused"]  # still playing: silence, not a stalled player

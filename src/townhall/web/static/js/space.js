@@ -186,6 +186,9 @@ function managerControls(s) {
   if (onStage.role === "host" && s.role === "speaker") {
     out.push(button("cohost", "Make co-host", () => act(post(api("/cohosts"), { handle: s.handle }))));
   }
+  if (onStage.role === "host" && s.role === "cohost") {
+    out.push(button("speaker", "Make speaker", () => act(del(api(`/cohosts/${s.handle}`)))));
+  }
   return out;
 }
 
