@@ -227,8 +227,8 @@ class Joiner:
             sent = self.clock()
             try:
                 r = await self.http.post(url, json=body or None, headers=headers)
-            except httpx.HTTPError:
-                answer, ticket = Answer(sent, self.clock(), 0), None
+            except httpx.HTTPError as exc:
+                answer, ticket = Answer(sent, self.clock(), 0, code=type(exc).__name__), None
             else:
                 answer, ticket = answer_of(sent, self.clock(), r)
             self.ledger.record(self.rec, answer)
@@ -314,6 +314,7 @@ class Run:
         self.progress = Progress() if common.progress else None
         self.fields: Callable[[], Mapping[str, object]] = dict
         self.total = common.seconds
+        self.load_at_start = os.getloadavg()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def begin(self, total: float) -> None:
@@ -321,6 +322,7 @@ class Run:
         self.start = self.clock()
         self.lateness = Sampled(self.start)
         self.total = total
+        self.load_at_start = os.getloadavg()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -430,6 +432,7 @@ class Run:
             "params": dict(params),
             "machine": {
                 "cpus": os.cpu_count(),
+                "loadavg_at_start": [round(x, 2) for x in self.load_at_start],
                 "loadavg_at_end": [round(x, 2) for x in load],
                 "note": "the load generator and the server share this machine's cores",
             },
@@ -621,6 +624,7 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
     attack = Timeline(run.start, run.bucket())
     attack_counts: Counter[str] = Counter()
     attack_latencies: list[float] = []
+    attack_errors: Counter[str] = Counter()
     attack_n = round(plan.legit * plan.attack_factor)
     deadline = run.start + c.seconds + c.drain
     inflight = asyncio.Semaphore(plan.attack_inflight)
@@ -638,8 +642,9 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
                 except (ValueError, KeyError, TypeError):
                     code = ""
             kind = classify(r.status_code, code)
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             kind = "transport"
+            attack_errors[type(exc).__name__] += 1
         finally:
             inflight.release()
         now = run.clock()
@@ -705,6 +710,7 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
         "turned_away": sum(attack_counts[k] for k in REJECTED),
         "rejection_rate": round(sum(attack_counts[k] for k in REJECTED) / max(1, answered), 4),
         "let_in": attack_counts["admitted"] + attack_counts["queued"],
+        "transport_errors": dict(attack_errors),
         "latency": summarize(attack_latencies),
     }
     report["timeline"] = ledger.rows(run.clock())
