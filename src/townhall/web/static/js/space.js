@@ -112,12 +112,13 @@ function apply(next) {
   show($("#login-hint"), live && !viewer);
   show($("#stage-section"), doc.state !== "ended");
 
-  if (onStage && !wasOnStage && live) {
-    toast(previous ? "You're on stage. Connect your microphone to speak." : "You're on stage.");
+  if (onStage && !wasOnStage && live && previous) {
+    toast("You're on stage. Connect your microphone to speak.");
     $("#raise-hand").setAttribute("aria-pressed", "false");
     $("#raise-hand").textContent = "Request to speak";
-    follow();
   }
+  // On stage in a live space (a host whose space just started included): hold the stream.
+  if (onStage && live) follow();
   if (!onStage && wasOnStage) leftStage(live ? "You're back in the audience." : null);
   if (onStage) speakerControls();
   renderStage();
