@@ -54,26 +54,36 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import argon2
+from _common import (
+    HOST,  # noqa: F401 - re-exported for bench_replay.py
+    REPO,
+    RESULTS,
+    Comparison,
+    Measurement,
+    WrkSettings,
+    cpu_model,
+    errors_of,
+    find_tool,
+    fmt_rate,
+    fmt_ratio,
+    http,
+    nginx_serving,
+    run_wrk,
+    tool_version,
+    write_lua,
+)
+from _common import townhall_server as serve_townhall
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-HOST = "127.0.0.1"
 HANDLE = "bench_account"
 PASSWORD = "correct horse battery staple"  # a throwaway account on a throwaway database
 LIMIT_ENV = {
@@ -82,198 +92,6 @@ LIMIT_ENV = {
 }
 # asyncio.to_thread runs on the loop's default executor, whose size is this (CPython >= 3.8).
 SERVER_ARGON2_THREADS = min(32, (os.cpu_count() or 1) + 4)
-
-# Prints wrk's summary as one JSON line after the run; shared by every wrk invocation.
-WRK_DONE_LUA = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,' ..
-    '"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
-    '"max_us":%d,"mean_us":%.1f}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
-    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.max, latency.mean))
-end
-"""
-
-
-# -- results -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """One side of a comparison: a rate and its latency distribution."""
-
-    name: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    completed: int
-    non_2xx: int = 0
-    socket_errors: int = 0
-    timeouts: int = 0
-    settings: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-    """Townhall beside its peer; ``ratio`` is townhall's rate over the peer's."""
-
-    case: str
-    townhall: Measurement
-    peer: Measurement
-
-    @property
-    def ratio(self) -> float:
-        return self.townhall.rps / self.peer.rps if self.peer.rps else float("nan")
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def find_tool(name: str) -> str | None:
-    """``name`` on PATH, or in /usr/sbin where Debian puts nginx (often off a user's PATH)."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http(
-    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
-) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_http_ok(url: str, proc: subprocess.Popen[bytes], deadline_s: float, log: Path) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}; log:\n{tail(log)}")
-        with contextlib.suppress(OSError):
-            if http("GET", url, timeout=1.0)[0] == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {deadline_s} s; log:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """Ask the child (and its process group) to stop, then kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
-
-
-def tool_version(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not found"
-    text = (out.stdout + out.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-# -- wrk ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class WrkSettings:
-    threads: int
-    connections: int
-    duration_s: int
-    timeout_s: int
-
-    def describe(self) -> str:
-        return f"-t{self.threads} -c{self.connections} -d{self.duration_s}s --timeout {self.timeout_s}s"
-
-
-def lua_long_string(text: str) -> str:
-    level = "=" * 3
-    assert f"]{level}]" not in text
-    return f"[{level}[{text}]{level}]"
-
-
-def write_lua(directory: Path, name: str, method: str = "GET", body: str | None = None) -> Path:
-    parts = [f'wrk.method = "{method}"']
-    if body is not None:
-        parts.append(f"wrk.body = {lua_long_string(body)}")
-        parts.append('wrk.headers["Content-Type"] = "application/json"')
-    path = directory / f"{name}.lua"
-    path.write_text("\n".join(parts) + "\n" + WRK_DONE_LUA)
-    return path
-
-
-def run_wrk(
-    name: str, url: str, script: Path, settings: WrkSettings, duration_s: int | None = None
-) -> Measurement:
-    duration = settings.duration_s if duration_s is None else duration_s
-    cmd = [
-        "wrk",
-        f"-t{settings.threads}",
-        f"-c{settings.connections}",
-        f"-d{duration}s",
-        f"--timeout={settings.timeout_s}s",
-        "-s",
-        str(script),
-        url,
-    ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration + settings.timeout_s + 30, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
-    ok = raw["requests"] - raw["status"]
-    return Measurement(
-        name=name,
-        rps=ok / (raw["duration_us"] / 1e6),
-        p50_ms=raw["p50_us"] / 1e3,
-        p99_ms=raw["p99_us"] / 1e3,
-        completed=raw["requests"],
-        non_2xx=raw["status"],
-        socket_errors=raw["connect"] + raw["read"] + raw["write"],
-        timeouts=raw["timeout"],
-        settings=f"wrk {settings.describe().replace(f'-d{settings.duration_s}s', f'-d{duration}s')}",
-    )
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -317,91 +135,11 @@ def raw_argon2_verify(threads: int, duration_s: float) -> Measurement:
     )
 
 
-NGINX_CONF = """\
-worker_processes {workers};
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    server_tokens off;
-    etag off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    types {{ }}
-    default_type application/json;
-    server {{
-        listen {host}:{port};
-        root {prefix}/html;
-    }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def nginx_serving(files: dict[str, bytes], workers: str, workdir: Path) -> Iterator[str]:
-    """Start nginx serving ``files`` (URL path -> body) from disk; yield its base URL."""
-    prefix = workdir / "nginx"
-    for sub in ("html", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    for url_path, body in files.items():
-        target = prefix / "html" / url_path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(body)
-    # Workers drop root for "nobody": let them read the tree (mkdtemp makes it 0700).
-    for path in [workdir, *workdir.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, host=HOST, port=port))
-    log = prefix / "stderr.log"
-    cmd = [
-        find_tool("nginx") or "nginx",
-        "-p",
-        str(prefix),
-        "-c",
-        str(conf),
-        "-e",
-        str(prefix / "error.log"),
-        "-g",
-        "daemon off;",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_http_ok(base + next(iter(files)), proc, 10.0, log)
-        yield base
-    finally:
-        stop(proc)
-
-
 @contextlib.contextmanager
 def townhall_server(workdir: Path) -> Iterator[str]:
     """Start ``townhall serve`` on a free loopback port with a fresh data dir; yield its base URL."""
-    exe = Path(sys.executable).parent / "townhall"
-    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
-    port = free_port()
-    data = workdir / "data"
-    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
-    env = {**os.environ, **LIMIT_ENV}
-    log = workdir / "townhall.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_http_ok(base + "/healthz", proc, 30.0, log)
-        yield base
-    finally:
-        stop(proc)
-        if proc.returncode not in (0, -signal.SIGTERM):
-            print(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}", file=sys.stderr)
+    with serve_townhall(workdir / "data", workdir / "townhall.log", LIMIT_ENV) as server:
+        yield server.base
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -514,18 +252,6 @@ def argon2_version() -> str:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-def fmt_rate(rate: float) -> str:
-    return f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}"
-
-
-def fmt_ratio(ratio: float) -> str:
-    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
-
-
-def errors_of(m: dict[str, Any]) -> int:
-    return int(m["non_2xx"] + m["socket_errors"] + m["timeouts"])
 
 
 def table(result: dict[str, Any]) -> str:

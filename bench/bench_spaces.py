@@ -4,7 +4,7 @@ Run it from the repository root with the project's venv::
 
     .venv/bin/python bench/bench_spaces.py
 
-Like ``bench_control.py`` (whose helpers it imports), it needs ``wrk`` and ``nginx`` (Debian:
+Like ``bench_control.py`` (with the helpers of ``_common.py``), it needs ``wrk`` and ``nginx`` (Debian:
 ``apt-get install -y wrk nginx``) and matplotlib in the venv. Everything runs on 127.0.0.1 and
 stops by itself; with the default settings the whole run takes about 90 seconds (plus any
 ``--wait-quiet``).
@@ -78,7 +78,6 @@ import http.client
 import json
 import os
 import platform
-import signal
 import socket
 import sqlite3
 import statistics
@@ -93,26 +92,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench_control import (
+from _common import (
     HOST,
     REPO,
     RESULTS,
     WRK_DONE_LUA,
     Measurement,
     WrkSettings,
+    busy_cpu_s,
     cpu_model,
     errors_of,
     find_tool,
     fmt_rate,
     fmt_ratio,
-    free_port,
+    git_state,
     lua_long_string,
+    memory_gib,
     nginx_serving,
+    own_cpu_s,
     run_wrk,
-    stop,
-    tail,
     tool_version,
-    wait_http_ok,
+    townhall_server,
+    wait_quiet,
     write_lua,
 )
 
@@ -188,22 +189,8 @@ class Client:
 @contextlib.contextmanager
 def townhall_node(data: Path, log: Path, env: dict[str, str]) -> Iterator[str]:
     """``townhall serve`` on a free loopback port with ``data`` and ``env``; yield its base URL."""
-    exe = Path(sys.executable).parent / "townhall"
-    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
-    port = free_port()
-    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
-        )
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_http_ok(base + "/healthz", proc, 60.0, log)
-        yield base
-    finally:
-        stop(proc, grace_s=15.0)
-        if proc.returncode not in (0, -signal.SIGTERM):
-            print(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}", file=sys.stderr)
+    with townhall_server(data, log, env, ready_s=60.0, grace_s=15.0, append=True) as server:
+        yield server.base
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -665,47 +652,6 @@ def reaction_run(
 
 
 # -- the run -----------------------------------------------------------------------------------
-
-
-def git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "src").splitlines()}
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and of its children that have been waited for (the server,
-    wrk, nginx: all of them by the end of the run)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def wait_quiet(limit_s: float, busy_share: float = 0.15, quiet_samples: int = 3) -> float:
-    """Wait up to ``limit_s`` for ``quiet_samples`` one-second samples below ``busy_share`` of the
-    machine's CPU; return the seconds waited."""
-    start, quiet = time.monotonic(), 0
-    cores = os.cpu_count() or 1
-    while quiet < quiet_samples and time.monotonic() - start < limit_s:
-        before = busy_cpu_s()
-        time.sleep(1.0)
-        quiet = quiet + 1 if (busy_cpu_s() - before) / cores < busy_share else 0
-    return time.monotonic() - start
-
-
-def memory_gib() -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return 0.0
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -67,7 +67,6 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,9 +77,10 @@ from typing import Any
 import av
 import httpx
 import numpy as np
+from _common import HOST, Server, cpu_model, tool_version, write_lua
+from _common import townhall_server as serve_townhall
 from aiortc import RTCConfiguration, RTCOutboundRtpStreamStats, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from bench_control import HOST, cpu_model, free_port, stop, tail, tool_version, wait_http_ok, write_lua
 
 from townhall.stage.client import Session, publish, record_timed, subscribe
 from townhall.stage.ice import restrict_host_addresses
@@ -97,7 +97,6 @@ SERVER_ENV = {
     "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": GENEROUS,
     "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": GENEROUS,
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEEP_UP = 0.9  # a client moving less than this share of its 50 frames/s has fallen behind
 
 logger = logging.getLogger("bench_stage")
@@ -110,27 +109,6 @@ def say(message: str) -> None:
 # -- the server --------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen[bytes]
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of every process in the server's session (it was started as a leader)."""
-        return session_cpu_seconds(self.proc.pid)
-
-
-def session_cpu_seconds(sid: int) -> float:
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            # After the command: state ppid pgrp session ... utime (14th field) stime (15th).
-            if int(fields[3]) == sid:
-                total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -138,28 +116,8 @@ def own_cpu_seconds() -> float:
 
 @contextlib.contextmanager
 def townhall_server(workdir: Path) -> Iterator[Server]:
-    exe = Path(sys.executable).parent / "townhall"
-    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "townhall"]
-    port = free_port()
-    data = workdir / "data"
-    cmd = [*prefix, "serve", "--host", HOST, "--port", str(port), "--data", str(data)]
-    log = workdir / "townhall.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **SERVER_ENV},
-            start_new_session=True,
-        )
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_http_ok(base + "/healthz", proc, 30.0, log)
-        yield Server(base, proc)
-    finally:
-        stop(proc)
-        if proc.returncode not in (0, -15):
-            say(f"warning: townhall exited with {proc.returncode}; log tail:\n{tail(log)}")
+    with serve_townhall(workdir / "data", workdir / "townhall.log", SERVER_ENV, warn=say) as server:
+        yield server
 
 
 # -- the control API ----------------------------------------------------------------------------
