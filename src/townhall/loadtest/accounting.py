@@ -229,6 +229,7 @@ class JoinRecord:
     number: int | None = None
     pow_solved: int = 0
     pow_seconds: float = 0.0
+    due: float | None = None  # when the schedule meant it to start
 
     @property
     def started_at(self) -> float | None:
@@ -353,6 +354,15 @@ class JoinLedger:
     def latency(self, kinds: Sequence[str] = KINDS) -> dict[str, float | int]:
         """Request latency (sent to answered) over answers of ``kinds``."""
         return summarize(a.latency for r in self.records for a in r.answers if a.kind in kinds and a.status)
+
+    def start_lag(self) -> dict[str, float | int]:
+        """How late joiners sent their first request against the schedule: the load
+        generator's own saturation (a late start is load that was not offered on time)."""
+        return summarize(
+            max(0.0, r.started_at - r.due)
+            for r in self.records
+            if r.due is not None and r.started_at is not None
+        )
 
     def time_to_admission(self) -> dict[str, float | int]:
         """From a joiner's first request to its admission, waiting room included."""

@@ -508,6 +508,7 @@ def _join_figures(ledger: JoinLedger, n: int) -> dict[str, Any]:
             "queued": ledger.latency(("queued",)),
         },
         "time_to_admission": ledger.time_to_admission(),
+        "start_lag": ledger.start_lag(),
         "honesty": {**dataclasses.asdict(honesty), "honest": honesty.honest},
         "pow": {"solved": sum(r.pow_solved for r in ledger.records), "seconds_each": summarize(pow_solved)},
         "accounts": sum(1 for r in ledger.records if r.account),
@@ -529,6 +530,7 @@ async def _storm(
         address = legit_address(address_for(i, pool))
         bearer = tokens[i] if i < len(tokens) else None
         rec = ledger.joiner(address, account=bearer is not None)
+        rec.due = schedule.start + schedule.offset(i)
         joiner = Joiner(
             rec,
             run.sources.client(address),
@@ -758,6 +760,7 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
         address = legit_address(address_for(i, pool))
         http = run.sources.own_client(address)
         rec = ledger.joiner(address)
+        rec.due = schedule.start + schedule.offset(i)
         joiner = Joiner(rec, http, run.base, c.space, ledger, end, run.clock, solver=run.solver)
         await joiner.run()
         if joiner.ticket is None:
@@ -812,6 +815,7 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
         "outcomes": ledger.outcomes(),
         "statuses": ledger.statuses(),
         "latency": ledger.latency(),
+        "start_lag": ledger.start_lag(),
     }
     report["listeners"] = {
         "started": len(ledger.records),
@@ -853,6 +857,7 @@ def _ms(figures: Mapping[str, Any], key: str) -> str:
 def summary(report: Mapping[str, Any]) -> str:
     """A few lines for a person: the headline figures and where the files are."""
     lines = [f"{report['scenario']} against {report['target']} ({report['elapsed']:.1f} s):"]
+    figures: Mapping[str, Any] = report
     late = report["tick_lateness"]["worst"]
     if report["scenario"] == "listeners":
         ls, lat = report["listeners"], report["part_latency"]
@@ -884,6 +889,8 @@ def summary(report: Mapping[str, Any]) -> str:
                 f"proofs solved {figures['pow']['solved']}; attack sent {a['sent']} ({a['sent_rate']}/s of "
                 f"{a['planned_rate']}/s planned), turned away {a['rejection_rate']:.2%}, let in {a['let_in']}"
             )
+    lag = (report["joins"] if report["scenario"] == "listeners" else figures)["start_lag"]
+    lines.append(f"  load generator: starts late by p50 {_ms(lag, 'p50')}, p99 {_ms(lag, 'p99')}")
     during = report["tick_lateness"]["during_run"]
     if during:
         lines.append(
