@@ -222,6 +222,15 @@ def heard(m: dict[str, Any]) -> bool:
     return bool(m["share"] >= HEARD_SHARE and m["toneDb"] >= HEARD_DBFS)
 
 
+def until(page: Page, condition: Any, what: str, seconds: float = 5.0) -> None:
+    """Let the page run until ``condition()`` holds (events reach Python as the page runs)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds} s")
+        page.wait_for_timeout(50)
+
+
 def wait_for_audio(page: Page, condition: Any, seconds: float, what: str) -> list[dict[str, Any]]:
     """Measure every 0.4 s until ``condition`` holds on two measurements in a row."""
     seen: list[dict[str, Any]] = []
@@ -240,6 +249,9 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
     speaker_ctx, speaker, speaker_errors = new_page(site)
     listener_ctx, listener, listener_errors = new_page(site)
     try:
+        streams: list[str] = []  # event streams opened by the people on stage
+        for name, page in (("host", host), ("speaker", speaker)):
+            page.on("request", lambda r, n=name: r.url.endswith("/events") and streams.append(n))
         # The host creates a space from the home page and starts it.
         log_in(host, site, "hana")
         host.get_by_label("Title").fill("Tones at twilight")
@@ -251,6 +263,7 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         host.get_by_role("button", name="Start space").click()
         expect(host.locator("#badge")).to_have_text("LIVE")
         expect(host.get_by_role("heading", name="Host controls")).to_be_visible()
+        until(host, lambda: "host" in streams, "the host's page opens the event stream")
 
         # An anonymous listener: one click.
         listener.goto(f"{site.url}{space_path}")
@@ -272,6 +285,7 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         expect(speaker.get_by_role("button", name="Requested: cancel")).to_be_visible()
         host.get_by_role("button", name="Approve @sami").click()
         expect(speaker.get_by_role("heading", name="You're on stage")).to_be_visible()
+        until(speaker, lambda: "speaker" in streams, "the speaker's page opens the event stream")
         # Voice processing (echo cancellation, noise suppression, gain control) stays on, as for
         # anyone: measured, the tone passes it (share ~0.98, louder by the gain control).
         expect(speaker.get_by_label("Voice processing")).to_be_checked()
