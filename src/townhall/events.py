@@ -188,6 +188,14 @@ class RedisEventBus(InProcessEventBus):
                 await self._task
         await self._redis.aclose()
 
+    async def ping(self, within: float) -> bool:
+        """Whether Redis answers within ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                return bool(await self._redis.ping())
+        except Exception:
+            return False
+
     async def publish(self, event: SpaceEvent) -> None:
         await super().publish(event)
         try:

@@ -20,6 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,9 +93,12 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
 
     @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": ErrorOut}})
     async def readyz() -> Any:
-        """Readiness: fails (503) while the database is unreachable."""
+        """Readiness: fails (503) while the database, or Redis when one is configured, is
+        unreachable. Liveness (``/healthz``) does not: live spaces play on meanwhile."""
         if not await node.database.ping(node.config.readiness_timeout_seconds):
             return error_response(503, "database_unreachable", "the database does not answer")
+        if not await node.redis_ping(node.config.readiness_timeout_seconds):
+            return error_response(503, "redis_unreachable", "Redis does not answer")
         return Health(status="ready")
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
@@ -144,6 +148,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RedisError):
+            # Shared limits and the waiting room live in Redis: without it, a request that
+            # needs them (a new join) is refused for a moment rather than admitted unchecked.
+            # Listeners already in, speakers and the stage never touch Redis on their path.
+            logger.warning("Redis unavailable: %s", exc)
+            return error_response(503, "redis_unreachable", "shared state is unavailable; retry shortly", 2)
         logger.exception("unhandled error", exc_info=exc)
         return error_response(500, "internal", "internal error; it has been logged")
 
@@ -240,4 +250,3 @@ class MetricsMiddleware:
             template = getattr(route, "path", "unmatched")
             self.requests.labels(scope["method"], template, str(status)).inc()
             self.latency.labels(template).observe(time.perf_counter() - start)
-

@@ -192,6 +192,12 @@ class Node:
                 self.admission.snapshots.invalidate(event.space_id)  # joins see ends and blocks
             await self.bus.publish(event)
 
+    async def redis_ping(self, within: float) -> bool:
+        """Whether Redis answers (True when none is configured)."""
+        if not isinstance(self.bus, RedisEventBus):
+            return True
+        return await self.bus.ping(within)
+
     async def apply_remote(self, event: SpaceEvent) -> None:
         """Another node's event (over Redis): apply its effects here as a local one's are
         applied before it is published: a revoked grant refused and its media cut, a mute in
