@@ -374,26 +374,26 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from townhall.loadtest import runner
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    common = runner.Common(
-        url=args.url,
-        space=args.space,
-        seconds=args.seconds,
-        out=args.out,
-        sources=args.sources,
-        timeout=args.timeout,
-        drain=getattr(args, "drain", 0.0),
-        progress=not args.no_progress,
-    )
     plan: runner.Plan
-    if args.scenario == "listeners":
-        plan = runner.ListenersPlan(common, args.n, args.ramp)
-    elif args.scenario == "join-storm":
-        plan = runner.StormPlan(common, args.n, args.accounts)
-    else:
-        plan = runner.FloodPlan(
-            common, args.legit, args.attack_factor, args.attack_sources, accounts=args.accounts
-        )
     try:
+        common = runner.Common(
+            url=args.url,
+            space=args.space,
+            seconds=args.seconds,
+            out=args.out,
+            sources=args.sources,
+            timeout=args.timeout,
+            drain=getattr(args, "drain", 0.0),
+            progress=not args.no_progress,
+        )
+        if args.scenario == "listeners":
+            plan = runner.ListenersPlan(common, args.n, args.ramp)
+        elif args.scenario == "join-storm":
+            plan = runner.StormPlan(common, args.n, args.accounts)
+        else:
+            plan = runner.FloodPlan(
+                common, args.legit, args.attack_factor, args.attack_sources, accounts=args.accounts
+            )
         report = runner.run_plan(plan)
     except (runner.LoadtestError, ValueError) as exc:
         print(f"townhall: {exc}", file=sys.stderr)

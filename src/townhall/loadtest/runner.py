@@ -68,7 +68,7 @@ class LoadtestError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-    """Settings every scenario shares."""
+    """Settings every scenario shares (checked: a run is bounded in count and time)."""
 
     url: str
     space: str
@@ -79,6 +79,14 @@ class Common:
     drain: float = 10.0  # after the last start, how long queued joiners keep coming back
     progress: bool = True
     bucket: float | None = None  # time-bucket width of the report; default from the duration
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drain <= 3600:
+            raise LoadtestError("--drain must be in [0, 3600] seconds")
+        if not 0 < self.timeout <= 300:
+            raise LoadtestError("--timeout must be in (0, 300] seconds")
+        if self.sources is not None and not 1 <= self.sources <= MAX_SOURCES * 250:
+            raise LoadtestError(f"--sources must be 1..{MAX_SOURCES * 250}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +133,9 @@ class Sources:
         key = address if self.bind else None
         t = self._transports.get(key)
         if t is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30)
+            # Idle connections are dropped before uvicorn's own 5 s keep-alive timeout closes them,
+            # so that a joiner returning after Retry-After never races the server's close.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0)
             t = self._transports[key] = httpx.AsyncHTTPTransport(
                 verify=_TLS, limits=limits, local_address=key
             )
@@ -616,8 +626,8 @@ async def flood(plan: FloodPlan, clock: Clock = time.time) -> dict[str, Any]:
 async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
     c = plan.common
     _check_numbers(plan.legit, c.seconds)
-    if plan.attack_factor < 0 or not 1 <= plan.attack_sources <= 1000:
-        raise LoadtestError("--attack-factor must be >= 0 and --attack-sources 1..1000")
+    if not 0 <= plan.attack_factor <= 100 or not 1 <= plan.attack_sources <= 1000:
+        raise LoadtestError("--attack-factor must be in [0, 100] and --attack-sources 1..1000")
     await run.check_space()
     tokens = await _register(run, min(plan.accounts, plan.legit), run.clock() + 120) if plan.accounts else []
     await run.solver.warm()  # attack mode will ask legitimate joiners for proofs
@@ -741,6 +751,8 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
     await run.check_space()
     run.begin(c.seconds)
     ramp = plan.ramp if plan.ramp is not None else min(c.seconds / 4, 5.0)
+    if not 0 <= ramp <= c.seconds:
+        raise LoadtestError("--ramp must be in [0, --seconds]")
     ledger = JoinLedger(run.start, run.bucket())
     parts = Timeline(run.start, run.bucket())
     latencies: list[float] = []
@@ -834,6 +846,7 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
 
 
 def _check_numbers(n: int, seconds: float) -> None:
+    """Every run is bounded: at most a million clients, an hour, an hour of drain."""
     if n < 1 or n > 1_000_000:
         raise LoadtestError("the number of clients must be 1..1,000,000")
     if not 0 < seconds <= 3600:
