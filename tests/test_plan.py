@@ -202,3 +202,23 @@ def test_eight_million_plan() -> None:
     assert final.edge_utilisation <= plan.assumptions.utilisation
     assert {p.origin_requests_per_s for p in plan.load[5:]} == {plan.fleet.origin.requests_per_s}
     assert any("Redis" in note for note in plan.notes)
+
+
+def test_a_measured_redis_key_ceiling_replaces_the_derived_one() -> None:
+    redis = {
+        "incr": {"per_redis_cpu_s": 200_000.0},
+        "waiting_room_update": {
+            "transaction_1": {"updates_per_redis_cpu_s": 5_000.0},
+            "script_16": {"updates_per_redis_cpu_s": 20_000.0},
+        },
+    }
+    a = Assumptions()
+    derived = capacity.fleet_plan(Stream(10**6), resolve({}, {}), a)
+    assert derived.redis_key_ceiling_per_s == pytest.approx(100_000 / 7 * 0.7)
+    inputs = resolve({"redis.json": redis}, {})
+    assert inputs["redis_ops_per_core"].value == 200_000.0
+    assert inputs["redis_key_updates_per_s_script"].source.endswith("script_16.updates_per_redis_cpu_s")
+    measured = capacity.fleet_plan(Stream(10**6), inputs, a)
+    assert measured.redis_key_ceiling_per_s == pytest.approx(5_000 * 0.7)
+    plan = make_plan(Stream(8_000_000), inputs, a, StormSpec())
+    assert any("as one script a thread takes 14,000/s (measured)" in note for note in plan.notes)

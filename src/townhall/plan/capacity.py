@@ -236,7 +236,9 @@ def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> 
     one = listener_load(stream, inputs, a)
     edges = edge_plan(stream, one, inputs, a)
     origin = origin_plan(stream, one, edges, inputs, a)
-    ceiling = inputs["redis_ops_per_core"].value * a.utilisation / a.redis_update_commands
+    measured = inputs["redis_key_updates_per_s"].value
+    per_key = measured if measured > 0 else inputs["redis_ops_per_core"].value / a.redis_update_commands
+    ceiling = per_key * a.utilisation
     notes = []
     playlist_share = (
         one.playlists_per_s * wire_bytes(inputs["playlist_bytes"].value + a.response_header_bytes)

@@ -175,7 +175,27 @@ SPECS: tuple[Spec, ...] = (
         "commands/s",
         "Redis commands per second on its one thread (no pipelining, small values)",
         100000.0,
-        "Redis's own benchmarks give 100-200k/s per thread; not measured here",
+        "Redis's own benchmarks give 100-200k/s per thread",
+        (Source.at("redis.json", "incr.per_redis_cpu_s", "INCRs per Redis CPU-second"),),
+    ),
+    Spec(
+        "redis_key_updates_per_s",
+        "updates/s",
+        "waiting-room counter updates one Redis thread serialises on one key (WATCH/MULTI, uncontended)",
+        0.0,
+        "none: redis_ops_per_core / 7 commands per update (0 = not measured)",
+        (Source.at("redis.json", "waiting_room_update.transaction_1.updates_per_redis_cpu_s"),),
+    ),
+    Spec(
+        "redis_key_updates_per_s_script",
+        "updates/s",
+        "the same update as one Lua script",
+        0.0,
+        "none (0 = not measured)",
+        (
+            Source.at("redis.json", "waiting_room_update.script_16.updates_per_redis_cpu_s"),
+            Source.at("redis.json", "waiting_room_update.script_1.updates_per_redis_cpu_s"),
+        ),
     ),
 )
 
