@@ -103,17 +103,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("web")
     wav = write_tone(root / "tone.wav", TONE_HZ)
     ARTIFACTS.mkdir(exist_ok=True)
+    settings = {f.name for f in dataclasses.fields(Config)}
+    # These tests are about pages and audio, not overload: on a busy machine (other suites,
+    # benchmarks) the event loop's own scheduling delay passes admission's 5 ms shedding
+    # target, and the node would shed the test's page loads. The target is raised here.
+    relaxed: dict[str, Any] = {"shed_target_ms": 500.0} if "shed_target_ms" in settings else {}
     with contextlib.ExitStack() as stack:
         # Servers start (and stop) outside Playwright's sync scope: their set-up and tear-down
         # run asyncio.run, which cannot run inside it.
-        server = stack.enter_context(running_server(generous_config("sqlite", root / "data")))
+        server = stack.enter_context(running_server(generous_config("sqlite", root / "data", **relaxed)))
         anon = server.client()
         for handle in ("hana", "sami", "lou"):
             assert anon.register(handle, PASSWORD).status_code == 201
         server.create_admin("root", PASSWORD)
         crowded = None
-        if "space_max_listeners" in {f.name for f in dataclasses.fields(Config)}:
-            config = generous_config("sqlite", root / "crowded", space_max_listeners=1)
+        if "space_max_listeners" in settings:
+            config = generous_config("sqlite", root / "crowded", space_max_listeners=1, **relaxed)
             crowded = stack.enter_context(running_server(config))
             assert crowded.client().register("lou", PASSWORD).status_code == 201
         with sync_playwright() as pw:
@@ -158,7 +163,10 @@ def log_in(page: Page, site: Site, handle: str, next_path: str = "/") -> None:
     page.get_by_label("Handle").fill(handle)
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
-    page.wait_for_url(f"{site.url}{next_path}")
+    try:
+        page.wait_for_url(f"{site.url}{next_path}")
+    except Exception as exc:
+        raise AssertionError(f"login as {handle}: {page.locator('#form-error').text_content()}") from exc
     expect(page.locator("#nav")).to_contain_text(f"@{handle}")
 
 
@@ -215,6 +223,7 @@ MEASURE = """
 
 def measure(page: Page) -> dict[str, Any]:
     result: dict[str, Any] = page.evaluate(MEASURE, TONE_HZ)
+    result["at"] = time.monotonic()
     return result
 
 
@@ -319,9 +328,15 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         wait_for_audio(listener, heard, 10, "the co-host's tone at the listener")
 
         # The host mutes the co-host: the server drops their audio and the tone stops.
+        muted_at = time.monotonic()
         host.get_by_role("button", name="Mute @sami").click()  # a host may mute a co-host
         expect(host.get_by_role("button", name="Unmute @sami")).to_be_visible()
         muted = wait_for_audio(listener, lambda m: m["toneDb"] < GONE_DBFS, 10, "silence after the mute")
+        # How long the listener kept hearing the tone after the host's click: the mute acts on
+        # the stage before the API answers, so this is the stage-to-ear delay of the LL-HLS
+        # path (packager, parts, hls.js's buffer), to ±0.4 s. Reported, not asserted: timings
+        # are benchmarks' business.
+        silent_after = muted[-2]["at"] - muted_at
         assert not muted[-1]["paused"]  # still playing: silence, not a stalled player
         expect(speaker.get_by_role("button", name="Unmute")).to_be_visible()
         expect(speaker.locator("#speaker-status")).to_have_text("You're muted.")
@@ -358,7 +373,8 @@ def test_host_speaker_and_listener_in_three_browsers(site: Site) -> None:
         print(
             f"tone share/level: before {before[-1]['share']:.3f}/{before[-1]['toneDb']:.1f} dBFS, "
             f"talking {talking[-1]['share']:.3f}/{talking[-1]['toneDb']:.1f} dBFS, "
-            f"muted {muted[-1]['toneDb']:.1f} dBFS; scenario {time.monotonic() - started:.1f} s"
+            f"muted {muted[-1]['toneDb']:.1f} dBFS; tone gone at the listener {silent_after:.1f} s "
+            f"after the mute click; scenario {time.monotonic() - started:.1f} s"
         )
     finally:
         for context in (host_ctx, speaker_ctx, listener_ctx):
