@@ -430,6 +430,10 @@ class Run:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def legit_pool(self, n: int) -> int:
+        """Source addresses of legitimate clients: one each up to 4096 unless told; one only
+        against ``::1`` (127.x.y.z addresses cannot reach it, so per-address limits bite)."""
+        if not self.sources.bind:
+            return 1
         return max(1, min(self.common.sources or min(n, MAX_SOURCES), MAX_SOURCES * 250))
 
     def header(self, params: Mapping[str, Any]) -> dict[str, Any]:
