@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 def network_of(address: str) -> str:
     """The /24 of an IPv4 address or the /56 of an IPv6 one (a home or an office: what one
     party controls), as text; the address itself when it is not an IP."""
+    head, dot, last = address.rpartition(".")
+    if dot and last.isdigit() and head.count(".") == 2 and head.replace(".", "").isdigit():
+        return f"{head}.0/24"  # the common case, without ipaddress's parsing (a join storm's path)
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -81,6 +81,7 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     registry.register(StageCollector(node.stage))
     app.add_middleware(PlacementRelay, node=node)  # spaces another node runs
     app.add_middleware(hls.FastPath)  # inside the metrics: listener requests are counted too
+    app.add_middleware(admission.JoinFastPath)  # joins and renewals before routing (counted too)
     app.add_middleware(MetricsMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=node.config.max_body_bytes)
     # Outermost: a shed request costs no body read, no metrics label, no database call.
