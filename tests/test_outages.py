@@ -105,3 +105,68 @@ def test_a_redis_outage_is_ridden_out(tmp_path: Path) -> None:
     # 503 with Retry-After and a JSON error, never a crash.
     assert status == 200 or (status == 503 and retry_after and '"error"' in body), (status, body)
     assert seen["join_after"][-1] == 200  # type: ignore[index]
+
+
+def test_a_database_outage_is_ridden_out(tmp_path: Path) -> None:
+    """PostgreSQL cut off for a while: alive but not ready; the listener already in plays on;
+    a newcomer is served from the node's snapshot of the space or refused cleanly; all of it
+    back without a restart."""
+    relay = TcpRelay("127.0.0.1", 5432).start()
+    config = generous_config(
+        "postgresql",
+        tmp_path / "data",
+        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/test",
+        readiness_timeout_seconds=1.0,
+    )
+    try:
+        with running_server(config) as server:
+            c = cast(server)
+            token = str(c.host.post(c.path("/speaker-token")).json()["speaker_token"])
+
+            async def scenario() -> dict[str, object]:
+                seen: dict[str, object] = {}
+                pub = await publish(f"{server.url}/whip/{c.space_id}", token, ToneTrack(440.0))
+                try:
+                    async with httpx.AsyncClient(base_url=server.url, timeout=20) as listener:
+                        assert (await listener.post(f"/api/v1/spaces/{c.space_id}/join")).status_code == 200
+                        await asyncio.sleep(1.5)
+                        playlist = f"/hls/{c.space_id}/live.m3u8"
+                        msn, part = _hint((await listener.get(playlist)).text)
+                        relay.cut()  # the database is gone
+                        began = time.monotonic()
+                        seen["healthz"] = (await listener.get("/healthz")).status_code
+                        seen["readyz"] = (await listener.get("/readyz")).json()
+                        served = 0
+                        while time.monotonic() - began < OUTAGE:
+                            r = await listener.get(playlist, params={"_HLS_msn": msn, "_HLS_part": part})
+                            assert r.status_code == 200, r.text
+                            served += 1
+                            msn, part = _hint(r.text)
+                        seen["parts_during_outage"] = served
+                        async with httpx.AsyncClient(base_url=server.url, timeout=20) as newcomer:
+                            during = await newcomer.post(f"/api/v1/spaces/{c.space_id}/join")
+                        seen["join_during"] = (
+                            during.status_code,
+                            during.headers.get("retry-after"),
+                            during.text,
+                        )
+                        relay.restore()
+                        deadline = time.monotonic() + 15
+                        while (await listener.get("/readyz")).status_code != 200:
+                            assert time.monotonic() < deadline, "never ready again"
+                            await asyncio.sleep(0.2)
+                        seen["after"] = c.anonymous.get(f"/api/v1/spaces/{c.space_id}").status_code
+                finally:
+                    await pub.close()
+                return seen
+
+            seen = asyncio.run(scenario())
+    finally:
+        relay.stop()
+
+    assert seen["healthz"] == 200
+    assert seen["readyz"]["error"]["code"] == "database_unreachable"  # type: ignore[index]
+    assert int(seen["parts_during_outage"]) >= OUTAGE  # type: ignore[call-overload]
+    status, retry_after, body = seen["join_during"]  # type: ignore[misc]
+    assert status == 200 or (status == 503 and retry_after and '"error"' in body), (status, body)
+    assert seen["after"] == 200

@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -155,6 +156,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             # Listeners already in, speakers and the stage never touch Redis on their path.
             logger.warning("Redis unavailable: %s", exc)
             return error_response(503, "redis_unreachable", "shared state is unavailable; retry shortly", 2)
+        if isinstance(exc, SQLAlchemyError | OSError):
+            # The database (or a connection to it) is gone: a clean refusal to retry, while
+            # what needs no database (listeners in, the stage, cached state) carries on.
+            logger.warning("backing service unavailable: %s", exc)
+            return error_response(503, "database_unreachable", "the database is unavailable; retry soon", 2)
         logger.exception("unhandled error", exc_info=exc)
         return error_response(500, "internal", "internal error; it has been logged")
 
