@@ -82,3 +82,15 @@ def test_a_node_without_npm_packages_says_how_to_install_them(tmp_path: Path) ->
         missing = http.get("/vendor/hls.mjs")
         assert missing.status_code == 404 and "npm ci" in missing.text
         assert http.get("/").status_code == 200  # the pages without audio still work
+
+
+def test_the_policy_admits_the_public_url_origin_and_nothing_else(tmp_path: Path) -> None:
+    """Links handed out on another origin (``public_url``: a CDN for the playlists, the WHIP
+    and WHEP endpoints) must be reachable from the page; nothing else is."""
+    config = generous_config("sqlite", tmp_path / "data", public_url="https://cdn.example.net/th/", **RELAXED)
+    with running_server(config) as behind_cdn:
+        policy = behind_cdn.client().get("/spaces/abc").headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["connect-src"] == "'self' https://cdn.example.net"
+    assert directives["media-src"] == "'self' blob: https://cdn.example.net"
+    assert directives["script-src"] == "'self'"

@@ -17,12 +17,14 @@ import html
 from pathlib import Path
 from string import Template
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from townhall.config import Config
 from townhall.control.node import Node
 from townhall.spaces.reactions import EMOJI
 
@@ -32,19 +34,26 @@ TEMPLATES = HERE / "templates"
 # The light build: everything an audio-only LL-HLS player needs (no subtitles, DRM, CMCD).
 HLS_BUILD = "hls.js/dist/hls.light.min.mjs"
 
-# The pages' own policy: scripts, styles, media and connections from this origin only. Media
-# also plays from blob: URLs (hls.js feeds a MediaSource) and WebRTC needs no directive here.
+# The pages' own policy: scripts, styles, media and connections from this origin only (and
+# from `public_url` when the node hands out links on another origin, a CDN say). Media also
+# plays from blob: URLs (hls.js feeds a MediaSource); WebRTC media needs no directive.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "media-src 'self' blob:; connect-src 'self'; worker-src 'self' blob:; "
+    "media-src 'self' blob:{extra}; connect-src 'self'{extra}; worker-src 'self' blob:; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
-HEADERS = {
-    "Content-Security-Policy": CSP,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-cache",
-}
+
+
+def headers(public_url: str = "") -> dict[str, str]:
+    parts = urlsplit(public_url)
+    extra = f" {parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else ""
+    return {
+        "Content-Security-Policy": CSP.format(extra=extra),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "Cache-Control": "no-cache",
+    }
+
 
 router = APIRouter(include_in_schema=False)
 
@@ -70,9 +79,9 @@ def hls_js(configured: str = "") -> Path | None:
     return None
 
 
-def _configured(request: Request) -> str:
+def _config(request: Request) -> Config:
     node: Node = request.app.state.node
-    return node.config.web_node_modules
+    return node.config
 
 
 _SHELL = Template((TEMPLATES / "shell.html").read_text(encoding="utf-8"))
@@ -80,67 +89,66 @@ _SHELL = Template((TEMPLATES / "shell.html").read_text(encoding="utf-8"))
 _BODIES = {path.stem: path.read_text(encoding="utf-8") for path in TEMPLATES.glob("*.html")}
 
 
-def render(page: str, title: str, **data: str) -> HTMLResponse:
+def render(request: Request, page: str, title: str, **data: str) -> HTMLResponse:
     """The page ``page``: the shared shell around ``templates/{page}.html``, with ``data`` as
     ``data-*`` attributes of ``<main>`` for the page's module to read."""
-    body = _BODIES[page]
     attrs = "".join(f' data-{k.replace("_", "-")}="{html.escape(v)}"' for k, v in data.items())
-    text = _SHELL.substitute(title=html.escape(title), page=page, attrs=attrs, body=body)
-    return HTMLResponse(text, headers=HEADERS)
+    text = _SHELL.substitute(title=html.escape(title), page=page, attrs=attrs, body=_BODIES[page])
+    return HTMLResponse(text, headers=headers(_config(request).public_url))
 
 
-def missing_player(configured: str) -> HTMLResponse:
-    """What the audio pages answer when hls.js is not installed (a wheel install, or a checkout
-    where ``npm ci`` has not run): a clear page, not a broken player."""
+def audio_page(request: Request, page: str, title: str, **data: str) -> HTMLResponse:
+    """A page that plays audio; when hls.js is not installed (a wheel install, or a checkout
+    where ``npm ci`` has not run), a page that says how to install it instead of a broken
+    player."""
+    configured = _config(request).web_node_modules
+    if hls_js(configured) is not None:
+        return render(request, page, title, **data)
     roots = ", ".join(str(r) for r in node_modules_roots(configured))
-    response = render("missing", "Player not installed", roots=roots)
+    response = render(request, "missing", "Player not installed", roots=roots)
     response.status_code = 503
     return response
 
 
 @router.get("/", response_class=HTMLResponse)
-async def home() -> HTMLResponse:
-    return render("home", "townhall")
+async def home(request: Request) -> HTMLResponse:
+    return render(request, "home", "townhall")
 
 
 @router.get("/login", response_class=HTMLResponse)
-async def login() -> HTMLResponse:
-    return render("login", "Log in")
+async def login(request: Request) -> HTMLResponse:
+    return render(request, "login", "Log in")
 
 
 @router.get("/signup", response_class=HTMLResponse)
-async def signup() -> HTMLResponse:
-    return render("signup", "Sign up")
+async def signup(request: Request) -> HTMLResponse:
+    return render(request, "signup", "Sign up")
 
 
 @router.get("/spaces/{space_id}", response_class=HTMLResponse)
-async def space(space_id: SpaceId, request: Request) -> HTMLResponse:
-    if hls_js(_configured(request)) is None:
-        return missing_player(_configured(request))
-    return render("space", "Space", space_id=space_id, emoji=" ".join(EMOJI))
+async def space(request: Request, space_id: SpaceId) -> HTMLResponse:
+    return audio_page(request, "space", "Space", space_id=space_id, emoji=" ".join(EMOJI))
 
 
 @router.get("/spaces/{space_id}/replay", response_class=HTMLResponse)
-async def replay(space_id: SpaceId, request: Request) -> HTMLResponse:
-    if hls_js(_configured(request)) is None:
-        return missing_player(_configured(request))
-    return render("replay", "Replay", space_id=space_id)
+async def replay(request: Request, space_id: SpaceId) -> HTMLResponse:
+    return audio_page(request, "replay", "Replay", space_id=space_id)
 
 
 @router.get("/@{handle}", response_class=HTMLResponse)
-async def account(handle: Handle) -> HTMLResponse:
-    return render("account", f"@{handle}", handle=handle)
+async def account(request: Request, handle: Handle) -> HTMLResponse:
+    return render(request, "account", f"@{handle}", handle=handle)
 
 
 @router.get("/admin", response_class=HTMLResponse)
-async def admin() -> HTMLResponse:
-    return render("admin", "Moderation")
+async def admin(request: Request) -> HTMLResponse:
+    return render(request, "admin", "Moderation")
 
 
 @router.get("/vendor/hls.mjs")
 async def vendor_hls(request: Request) -> Response:
     """hls.js from ``node_modules`` (installed by ``npm ci`` from ``package-lock.json``)."""
-    path = hls_js(_configured(request))
+    path = hls_js(_config(request).web_node_modules)
     if path is None:
         return Response(
             "// hls.js is not installed: run `npm ci` (or `make web`) at the repository root\n",
