@@ -222,3 +222,12 @@ def test_a_measured_redis_key_ceiling_replaces_the_derived_one() -> None:
     assert measured.redis_key_ceiling_per_s == pytest.approx(5_000 * 0.7)
     plan = make_plan(Stream(8_000_000), inputs, a, StormSpec())
     assert any("as one script a thread takes 14,000/s (measured)" in note for note in plan.notes)
+
+
+def test_renewals_go_on_while_the_queue_drains_past_the_curve() -> None:
+    result = simulate(FLAT, Admission(rate=100, burst=100, max_active=10**6, renew_every=20.0))
+    late = [s for s in result.samples if s.t > 40]
+    assert late and all(s.renewals_per_s > 0 for s in late)
+    # Everyone in for 20 s or more renews every 20 s: about (admitted 20 s ago) / 20 a second.
+    at = {s.t: s for s in result.samples}
+    assert at[90].renewals_per_s == pytest.approx(at[70].admitted / 20, rel=0.15)

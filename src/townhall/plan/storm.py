@@ -341,8 +341,7 @@ class Storm:
             elif kind == "renew":
                 assert isinstance(what, int)
                 self.counts["renewals"] += what
-                if now + self.adm.renew_every <= self.horizon:
-                    self._at(now + self.adm.renew_every, "renew", what)
+                self._at(now + self.adm.renew_every, "renew", what)  # the loop ends the run
             else:
                 self._sample(now)
                 if now < self.horizon or self.waiting or self.active < total:
