@@ -32,6 +32,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from tests.spaces_support import generous_config
 from tests.support import RunningServer, running_server
 from townhall.config import Config
+from townhall.web import pages
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -50,7 +51,10 @@ HEARD_DBFS = -40.0
 #   and the analyser's float noise floor sit far below this).
 GONE_DBFS = -65.0
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
+    pytest.mark.skipif(pages.hls_js() is None, reason="the npm packages are not installed: run `npm ci`"),
+]
 
 
 def chromium_args(wav: Path) -> list[str]:
