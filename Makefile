@@ -50,6 +50,7 @@ bench: $(STAMP) web sysdeps
 	$(BIN)/python bench/bench_control.py
 	$(BIN)/python bench/bench_spaces.py
 	$(BIN)/python bench/bench_stage.py
+	$(BIN)/python bench/bench_audience.py
 	$(BIN)/python bench/bench_redis.py
 
 ## Re-pin every dependency after changing pyproject.toml.
