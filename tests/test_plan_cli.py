@@ -48,6 +48,9 @@ def test_plan_prints_its_inputs_and_writes_json_and_png(tmp_path: Path) -> None:
     assert "128 GiB RAM" in text and "10 Gb/s NIC" in text
     assert "Result files not found" in text and "audience.json" in text
     assert "edges (nginx):" in text and "Redis:" in text
+    assert "An --inputs file is a JSON object setting any of: origin_part_rps_per_core" in text
+    keys = next(line for line in text.splitlines() if line.startswith("An --inputs file"))
+    assert "edge_nic_gbps" in keys and "joins_per_core" in keys
     document = json.loads((out / "plan.json").read_text())
     assert document["stream"]["listeners"] == 400_000
     assert document["inputs"]["joins_per_core"]["origin"] == "--inputs"

@@ -48,7 +48,8 @@ def render(plan: Plan) -> list[str]:
         f"{a.redis_update_commands} for the space's counters (WATCH/MULTI); a waiting-room return "
         f"+{a.redis_claim_extra}, +{a.redis_admit_extra} when admitted",
         f"  a townhall node process uses one core; machines of {a.node_cores} cores",
-        "  one space; its stage and packager pinned to one media node (the origin of its objects)",
+        f"  {a.spaces} space(s) through the edges (origin load counts each; the listeners are of one); "
+        "a space's stage and packager are pinned to one media node, the origin of its objects",
         "",
         "Per listener:",
         f"  {one.requests_per_s:.2f} requests/s = {one.playlists_per_s:g} playlist reloads + "
@@ -109,6 +110,8 @@ def render(plan: Plan) -> list[str]:
     ]
     if plan.notes:
         out += ["", "What the plan finds:"] + [f"  - {n}" for n in plan.notes]
+    names = [*plan.inputs, *(f.name for f in dataclasses.fields(a))]
+    out += ["", "An --inputs file is a JSON object setting any of: " + ", ".join(names)]
     return out
 
 
