@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib
 import json
 import re
 import shlex
@@ -22,7 +23,7 @@ from townhall.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-NODES = ("node-a", "node-b")
+NODES = ("node1", "node2")
 
 
 def example_env() -> dict[str, str]:
@@ -69,7 +70,7 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_fleet_has_its_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {*NODES, "postgres", "redis", "edge"}
+    assert set(services) >= {*NODES, "postgres", "redis", "edge", "edge-verifier"}
     for name, service in services.items():
         for needed in service.get("depends_on") or []:
             assert needed in services, f"{name} depends on unknown service {needed}"
@@ -126,17 +127,59 @@ def test_nodes_share_the_media_volume_where_the_media_store_writes(compose: dict
         assert ("media", str(config.data / "media")) in targets
 
 
-def test_the_edge_runs_the_shipped_config(compose: dict[str, Any]) -> None:
+def edge_conf_path(compose: dict[str, Any]) -> Path:
+    """Where on disk the file the edge runs (``nginx -c PATH``) comes from."""
     edge = compose["services"]["edge"]
-    command = edge["command"]
-    conf = Path(command[command.index("-c") + 1])
-    mounts = {target: source for source, target, *_ in (v.split(":") for v in edge["volumes"])}
-    source = next(s for t, s in mounts.items() if conf.is_relative_to(t))
-    on_disk = (
-        DEPLOY / source / conf.relative_to(next(t for t in mounts if conf.is_relative_to(t)))
-    ).resolve()
-    assert on_disk == DEPLOY / "nginx" / "edge.conf"
-    assert any(str(p).split(":")[-1] == "80" for p in edge["ports"])
+    words = shlex.split(" ".join(edge["command"][2:] if edge["command"][0] == "sh" else edge["command"]))
+    conf = Path(words[words.index("-c") + 1])
+    for volume in edge["volumes"]:
+        source, target = volume.split(":")[:2]
+        if conf.is_relative_to(target):
+            return (DEPLOY / source / conf.relative_to(target)).resolve()
+    raise AssertionError(f"{conf} is not in a mounted directory")
+
+
+def test_the_edge_runs_the_shipped_config(compose: dict[str, Any]) -> None:
+    assert edge_conf_path(compose) == DEPLOY / "nginx" / "edge.conf"
+
+
+def nginx_conf() -> str:
+    return (DEPLOY / "nginx" / "edge.conf").read_text()
+
+
+def test_the_edge_config_agrees_with_the_fleet(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    text = nginx_conf()
+    ports = {Config.from_env(environment(services[n])).port for n in NODES}
+    upstreams = set(re.findall(r"^\s*server\s+([\w.-]+:\d+)", text, re.M))
+    assert upstreams == {f"{n}:{p}" for n in NODES for p in ports}
+    listen = re.findall(r"^\s*listen\s+(?:[\d.]+:)?(\d+)", text, re.M)
+    published = {str(p).split(":")[-1] for p in services["edge"]["ports"]}
+    assert set(listen) == published
+    # Every snippet the edge includes is shipped beside it.
+    edge = services["edge"]
+    mount = next(v.split(":")[1] for v in edge["volumes"] if v.startswith("./nginx:"))
+    for include in re.findall(r"^\s*include\s+([^;\s]+);", text, re.M):
+        assert include.startswith(mount + "/"), include
+        assert (DEPLOY / "nginx" / include.removeprefix(mount + "/")).exists(), include
+    # Its cache, temp files and logs are on the edge's volume.
+    cache = next(v.split(":")[1] for v in edge["volumes"] if v.startswith("edge-cache:"))
+    for path in re.findall(r"^\s*(?:error_log|pid|proxy_cache_path)\s+(\S+)", text, re.M):
+        assert Path(path).is_relative_to(cache), path
+
+
+def test_the_ticket_verifier_sits_on_the_edges_loopback(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    verifier = services["edge-verifier"]
+    assert verifier["network_mode"] == "service:edge"
+    words = verifier["entrypoint"]
+    module, _, factory = words[words.index("--factory") + 1].partition(":")
+    assert callable(getattr(importlib.import_module(module), factory))
+    host, port = words[words.index("--host") + 1], words[words.index("--port") + 1]
+    upstream = (DEPLOY / "nginx" / "ticket-http.conf").read_text()
+    assert f"server {host}:{port};" in upstream
+    keys = Config.from_env(environment(verifier)).signing_keys
+    assert keys and keys == Config.from_env(environment(services[NODES[0]])).signing_keys
 
 
 def dockerfile() -> list[str]:
