@@ -285,3 +285,20 @@ def test_follower_starts_at_the_edge_rolls_over_segments_and_counts_gaps() -> No
     wanted = f.update(parse_media_playlist(playlist(18, 1, first=10)))
     assert wanted[0].key == (15, 0) and f.gaps == 1
     assert f.skipped_seconds == pytest.approx((100.0 + 30) - (100.0 + 12))
+
+
+def test_the_listener_stops_by_itself_when_the_space_ends(live: tuple[Cast, Speaker]) -> None:
+    c, _ = live
+    ended: list[float] = []
+
+    def on_audio(part: PartAudio) -> None:
+        if not ended:
+            assert c.host.post(c.path("/end")).status_code == 200
+            ended.append(time.monotonic())
+
+    listener = Listener(f"{c.server.url}/api/v1/spaces/{c.space_id}", on_audio=on_audio)
+    result = asyncio.run(listener.run(seconds=60))
+    assert result.reason == "the space ended", result
+    # Within the stall bound (three target durations, at least 6 s) of the end, not at --seconds.
+    assert time.monotonic() - ended[0] < 15
+    assert result.parts >= 1
