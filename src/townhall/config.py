@@ -91,10 +91,10 @@ class Config:
     # -- admission (docs/configuration.md, "Admission", says how each default was chosen) ----
     # Capacity of one space and of this node: live tickets at once, new admissions per second
     # (a token bucket with this burst). Over either, joins wait in the space's waiting room.
-    space_max_listeners: int = 1_000_000
+    space_max_listeners: int = 10_000_000
     space_join_rate: float = 2000.0
     space_join_burst: float = 2000.0
-    node_max_listeners: int = 200_000
+    node_max_listeners: int = 20_000
     node_join_rate: float = 2000.0
     node_join_burst: float = 2000.0
     # A queue token is good for this long after its arrival.
