@@ -285,6 +285,9 @@ def test_follower_starts_at_the_edge_rolls_over_segments_and_counts_gaps() -> No
     wanted = f.update(parse_media_playlist(playlist(18, 1, first=10)))
     assert wanted[0].key == (15, 0) and f.gaps == 1
     assert f.skipped_seconds == pytest.approx((100.0 + 30) - (100.0 + 12))
+    # A listed part the server answers 404 for is skipped too, not asked for again.
+    f.missing(wanted[0])
+    assert f.blocking_request() == (15, 1) and f.gaps == 2
 
 
 def test_the_listener_stops_by_itself_when_the_space_ends(live: tuple[Cast, Speaker]) -> None:

@@ -263,6 +263,13 @@ class Follower:
         self._roll_over()
         return arrival
 
+    def missing(self, part: PartRef) -> None:
+        """A listed part the server no longer has: go on without it, and count a gap."""
+        self.gaps += 1
+        self.skipped_seconds += part.duration
+        self.next = (part.msn, part.index + 1)
+        self._roll_over()
+
     def _roll_over(self) -> None:
         """(m, i) past the last part of a complete segment m is (m + 1, 0)."""
         if self.next is None or self.playlist is None:
@@ -559,7 +566,8 @@ class Listener:
     async def _fetch_part(self, part: PartRef) -> None:
         r = await self._get(self._url(part.uri), {})
         if r.status_code == 404:
-            return  # gone already: the follower moves on with the next playlist
+            self.follower.missing(part)  # listed, but gone already
+            return
         if r.status_code != 200:
             raise _refusal(f"GET {part.uri}", r)
         now = self.clock()
