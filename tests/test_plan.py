@@ -231,3 +231,14 @@ def test_renewals_go_on_while_the_queue_drains_past_the_curve() -> None:
     # Everyone in for 20 s or more renews every 20 s: about (admitted 20 s ago) / 20 a second.
     at = {s.t: s for s in result.samples}
     assert at[90].renewals_per_s == pytest.approx(at[70].admitted / 20, rel=0.15)
+
+
+def test_ticket_checks_at_the_edge_cost_cpu() -> None:
+    inputs = resolve({}, {})
+    free = Assumptions(auth_subrequest_cost=0, ticket_cache_seconds=1e12)
+    checked = Assumptions()
+    unchecked = capacity.fleet_plan(Stream(10**6), inputs, free).edges
+    edges = capacity.fleet_plan(Stream(10**6), inputs, checked).edges
+    assert edges.listeners_by_cpu < unchecked.listeners_by_cpu
+    assert edges.ticket_checks_per_s == pytest.approx(10**6 / 10)
+    assert 0 < edges.verifier_share < 1

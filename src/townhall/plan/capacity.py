@@ -56,6 +56,11 @@ class Assumptions:
     # NIC's interrupts, held blocking reloads. The measured per-core rate is derated by this.
     edge_derate: float = 0.5
     edge_kib_per_connection: float = 32.0  # nginx connection + OpenSSL buffers, kept alive
+    # Tickets are checked at the edge (deploy/nginx/ticket.md): every listener request makes an
+    # auth_request subrequest, answered from nginx's cache (counted as this fraction of a
+    # request), and the local verifier is asked once per ticket per cache lifetime.
+    auth_subrequest_cost: float = 0.5
+    ticket_cache_seconds: float = 10.0
     spare: float = 0.1  # extra machines on top of the need, so one failure costs no listener
     node_cores: int = 16  # a machine running townhall node processes (one process per core)
     response_header_bytes: int = 350
@@ -90,6 +95,7 @@ class Listener:
     bytes_per_s: float  # egress on the wire, headers and framing included
     ingress_bytes_per_s: float
     renewals_per_s: float
+    ticket_checks_per_s: float  # asked of the edge's verifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +110,8 @@ class EdgePlan:
     requests_per_s: float
     egress_gbps: float
     ingress_gbps: float
+    ticket_checks_per_s: float  # across the fleet, at the edges' verifiers
+    verifier_share: float  # of an edge's CPU spent in its verifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +157,19 @@ def listener_load(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) 
         bytes_per_s=egress,
         ingress_bytes_per_s=requests * wire_bytes(a.request_bytes),
         renewals_per_s=1.0 / (a.ticket_ttl_seconds * a.renew_at),
+        ticket_checks_per_s=1.0 / a.ticket_cache_seconds if a.ticket_cache_seconds > 0 else 0.0,
     )
 
 
 def edge_plan(stream: Stream, one: Listener, inputs: Mapping[str, Figure], a: Assumptions) -> EdgePlan:
     """How many listeners one edge holds, by CPU, NIC and memory, and how many edges that needs."""
-    per_core = inputs["edge_rps_per_core"].value * a.edge_derate / one.requests_per_s
+    nginx = (
+        one.requests_per_s
+        * (1 + a.auth_subrequest_cost)
+        / (inputs["edge_rps_per_core"].value * a.edge_derate)
+    )
+    verifier = one.ticket_checks_per_s / (inputs["verifier_rps_per_core"].value * a.edge_derate)
+    per_core = 1.0 / (nginx + verifier)
     measured = inputs["edge_listeners_per_core"].value
     if measured > 0:
         per_core = min(per_core, measured)
@@ -176,6 +191,8 @@ def edge_plan(stream: Stream, one: Listener, inputs: Mapping[str, Figure], a: As
         requests_per_s=stream.listeners * one.requests_per_s,
         egress_gbps=stream.listeners * one.bytes_per_s * 8 / 1e9,
         ingress_gbps=stream.listeners * one.ingress_bytes_per_s * 8 / 1e9,
+        ticket_checks_per_s=stream.listeners * one.ticket_checks_per_s,
+        verifier_share=verifier / (nginx + verifier),
     )
 
 

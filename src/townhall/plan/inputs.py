@@ -140,6 +140,20 @@ SPECS: tuple[Spec, ...] = (
         (Source.at("edge.json", "listeners_per_core"),),
     ),
     Spec(
+        "verifier_rps_per_core",
+        "req/s/core",
+        "the edge's ticket verifier (townhall.admission.edge_verifier, a small ASGI app), per core",
+        10000.0,
+        "a small ASGI app under uvicorn; not measured",
+        (
+            Source.at(
+                "audience.json",
+                "rates.rows[object=part].uvicorn_floor.requests_per_cpu_s",
+                "a bare ASGI app under the same uvicorn: the verifier's ceiling",
+            ),
+        ),
+    ),
+    Spec(
         "joins_per_core",
         "req/s/core",
         "admission requests (join, waiting-room return, renewal) one townhall node process answers",

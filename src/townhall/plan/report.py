@@ -33,6 +33,8 @@ def render(plan: Plan) -> list[str]:
         f"  edge CPU: the measured per-core rate x {a.edge_derate:g} (TLS, a real NIC and held "
         "reloads cost more than loopback keep-alive GETs)",
         f"  edge memory: {a.edge_kib_per_connection:g} KiB per listener connection (kept alive, TLS)",
+        f"  tickets checked at the edge: each request's auth subrequest costs {a.auth_subrequest_cost:g} "
+        f"of a request; the verifier is asked once per ticket per {a.ticket_cache_seconds:g} s",
         f"  spare: +{a.spare:.0%} edges and node processes beyond the need",
         "  a listener at the live edge: 1 blocking playlist reload and 1 part per part; no segments; "
         + (
@@ -56,7 +58,8 @@ def render(plan: Plan) -> list[str]:
         f"{one.parts_per_s:g} parts + {one.state_per_s:.2f} state polls",
         f"  {one.bytes_per_s * 8 / 1000:.1f} kb/s out of the edge on the wire (part {_n(one.part_bytes)} B "
         f"of media), {one.ingress_bytes_per_s * 8 / 1000:.1f} kb/s in; "
-        f"{one.renewals_per_s * 3600:.1f} ticket renewals an hour",
+        f"{one.renewals_per_s * 3600:.1f} ticket renewals an hour, "
+        f"{one.ticket_checks_per_s:g} ticket checks a second at the edge",
         "",
         "Edges:",
         f"  one edge holds {_n(edges.listeners_by_cpu)} listeners by CPU, "
@@ -65,7 +68,8 @@ def render(plan: Plan) -> list[str]:
         f"(limited by {edges.limited_by})",
         f"  edges: {edges.needed} needed, {edges.deployed} deployed with spare",
         f"  {_n(edges.requests_per_s)} requests/s; {edges.egress_gbps:,.1f} Gb/s out to listeners, "
-        f"{edges.ingress_gbps:,.1f} Gb/s in",
+        f"{edges.ingress_gbps:,.1f} Gb/s in; {_n(edges.ticket_checks_per_s)} ticket checks/s at the "
+        f"edges' verifiers ({edges.verifier_share:.0%} of an edge's CPU)",
         "",
         "Origin (request collapsing: at most one request per object per edge):",
     ]
