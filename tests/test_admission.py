@@ -17,6 +17,7 @@ import pytest
 
 from tests.spaces_support import generous_config
 from tests.support import Api, RunningServer, assert_error, running_server
+from townhall.admission.client import AdmissionRefused, admit
 from townhall.admission.limiter import LimitsLimiter
 from townhall.admission.pow import solve
 
@@ -296,6 +297,44 @@ def test_attack_mode_requires_a_proof_of_work_of_anonymous_joins(tmp_path: Path)
         assert_error(join(anon, space_id, pow_challenge=ch["challenge"], pow_nonce=nonce), 403, "pow_expired")
         assert admin.post("/api/v1/admin/attack-mode", json={"on": None}).json()["active"] is False
         assert join(anon, space_id).status_code == 200
+
+
+def test_the_client_solves_the_proof_waits_its_turn_and_gets_a_ticket(tmp_path: Path) -> None:
+    """``admission.client.admit`` (what ``townhall listen`` joins with) against a node in attack
+    mode whose space is at its join rate: a proof, a place in the queue, then a ticket."""
+    cfg = config(tmp_path, pow_base_bits=8, space_join_rate=0.05, space_join_burst=1.0)
+    with running_server(cfg) as server:
+        _, space_id = live_space(server)
+        admin = server.client(server.create_admin())
+        assert admin.post("/api/v1/admin/attack-mode", json={"on": True}).json()["active"] is True
+        assert join(server.client().user("alice"), space_id).status_code == 200  # takes the burst
+        positions: list[int] = []
+        slept: list[float] = []
+
+        async def scenario() -> dict[str, Any]:
+            async def advance(seconds: float) -> None:  # the server's clock, not a real sleep
+                slept.append(seconds)
+                server.clock.advance(seconds)
+
+            async with httpx.AsyncClient(timeout=30) as http:
+                return await admit(
+                    http,
+                    f"{server.url}/api/v1/spaces/{space_id}/join",
+                    on_wait=lambda position, _wait: positions.append(position),
+                    sleep=advance,
+                )
+
+        joined = asyncio.run(scenario())
+        assert joined["listener"].startswith("g") and joined["ticket"]
+        assert positions == [1] and slept == [20.0]  # one join per 20 s: next in 20 s
+
+        async def refused() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                await admit(http, f"{server.url}/api/v1/spaces/nosuchspace/join")
+
+        with pytest.raises(AdmissionRefused) as info:
+            asyncio.run(refused())
+        assert info.value.status == 404 and info.value.code == "space_not_found"
 
 
 def _bits(challenge: str, nonce: str) -> int:
