@@ -653,8 +653,8 @@ class Listener:
         self._started = self.clock()
         reason = "stopped"
         try:
-            if self.ticket is None:
-                await self.join()
+            if self.ticket is None and self.target.join_url is not None:
+                await self.join()  # a playlist URL without a ticket is tried as it is (403 then)
             follow = asyncio.ensure_future(self._follow())
             waits: list[asyncio.Future[Any]] = [follow]
             if stop is not None:
