@@ -242,3 +242,19 @@ def test_ticket_checks_at_the_edge_cost_cpu() -> None:
     assert edges.listeners_by_cpu < unchecked.listeners_by_cpu
     assert edges.ticket_checks_per_s == pytest.approx(10**6 / 10)
     assert 0 < edges.verifier_share < 1
+
+
+def test_the_edge_benchmark_is_preferred_for_the_edge_rate() -> None:
+    edge = {
+        "runs": [
+            {"listeners": 100, "edge_requests": 1800, "window_s": 5.0, "edge_cores": 0.01},
+            {"listeners": 10000, "edge_requests": 400_000, "window_s": 10.0, "edge_cores": 0.5},
+        ]
+    }
+    figure = resolve({"edge.json": edge, "audience.json": AUDIENCE}, {})["edge_rps_per_core"]
+    assert figure.value == pytest.approx(80_000)
+    assert figure.source.startswith("edge.json: runs[listeners=10000]")
+    small = {"runs": edge["runs"][:1]}  # a 100-listener run is too idle to read a core from
+    fallback = resolve({"edge.json": small, "audience.json": AUDIENCE}, {})["edge_rps_per_core"]
+    assert fallback.source.startswith("audience.json")
+    assert resolve({"edge.json": small}, {})["edge_rps_per_core"].origin == "default"

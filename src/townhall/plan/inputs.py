@@ -91,6 +91,25 @@ def _media_rate(doc: Any) -> float | None:
     return size / seconds if size and seconds else None
 
 
+def _edge_rate(listeners: int) -> Callable[[Any], float | None]:
+    """Requests per edge CPU-second in the edge benchmark's run with ``listeners`` players."""
+
+    def read(doc: Any) -> float | None:
+        run = f"runs[listeners={listeners}]"
+        requests = _number(lookup(doc, run + ".edge_requests"))
+        seconds = _number(lookup(doc, run + ".window_s"))
+        cores = _number(lookup(doc, run + ".edge_cores"))
+        return requests / seconds / cores if requests and seconds and cores else None
+
+    return read
+
+
+def _edge_source(listeners: int) -> Source:
+    run = f"runs[listeners={listeners}]"
+    key = f"{run}: edge_requests ÷ window_s ÷ edge_cores (the shipped edge, LL-HLS players)"
+    return Source("edge.json", key, _edge_rate(listeners))
+
+
 HEALTHZ = "results[case=GET /healthz (15 B)]"
 
 SPECS: tuple[Spec, ...] = (
@@ -127,6 +146,8 @@ SPECS: tuple[Spec, ...] = (
         40000.0,
         "nginx with one worker in the control benchmark served ~41,000/s",
         (
+            _edge_source(10000),
+            _edge_source(1000),
             Source.at("audience.json", "rates.rows[object=part].peer.requests_per_cpu_s"),
             Source.at("control.json", HEALTHZ + ".peer.rps", "nginx, worker_processes 1: one core at most"),
         ),
@@ -134,10 +155,9 @@ SPECS: tuple[Spec, ...] = (
     Spec(
         "edge_listeners_per_core",
         "listeners/core",
-        "LL-HLS listeners one edge core holds (measured behind the nginx edge; caps the CPU limit)",
+        "LL-HLS listeners one edge core holds, as measured on real edges (caps the CPU limit)",
         0.0,
-        "none: derived from the edge's request rate (0 = not measured)",
-        (Source.at("edge.json", "listeners_per_core"),),
+        "none: derived from the edge's request rate (0 = not given; set it with --inputs)",
     ),
     Spec(
         "verifier_rps_per_core",
