@@ -266,6 +266,9 @@ def test_an_overloaded_node_sheds_anonymous_joins_first_and_never_speakers_or_ho
         finally:
             stop.set()
         assert server.node.admission.shedder.shed >= 1
+        metrics = anon.get("/metrics").text
+        shed = [line for line in metrics.splitlines() if line.startswith("townhall_admission_shed_total")]
+        assert any('class="anonymous_join"' in line and not line.endswith(" 0.0") for line in shed), shed
         time.sleep(0.3)
         assert join(anon, space_id).status_code == 200  # the overload over, joins come back
 

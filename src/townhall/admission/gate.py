@@ -20,15 +20,16 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import select
 
 from townhall.admission import waiting_room as wr
 from townhall.admission.limiter import Limiter
 from townhall.admission.pow import AttackMode, Challenge, PowBook, PowError
 from townhall.admission.queue_store import AlreadyUsed, QueueStore
-from townhall.admission.shedding import Shedder
+from townhall.admission.shedding import Priority, Shedder
 from townhall.admission.tickets import Ticket, TicketBook, TicketError, listener_id
 from townhall.admission.waiting_room import QueueTokenBook, QueueTokenError
 from townhall.config import Config
@@ -200,6 +201,8 @@ class Admission:
         )
         self.node_counters = wr.Counters()
         self.refused = 0
+        self.admitted = 0
+        self.queued = 0
 
     # -- refusals --------------------------------------------------------------------------------
 
@@ -308,7 +311,9 @@ class Admission:
             if isinstance(decision, wr.Wait):
                 text, queued = self.queue_tokens.issue(space_id, decision.number, now)
         if isinstance(decision, wr.Wait):
+            self.queued += 1
             return Queued(text, queued, decision)
+        self.admitted += 1
         if not wr.take(self.node_counters, self.node_cap, now, expires):
             wr.count_ticket(self.node_counters, self.node_cap, expires)  # admitted from the queue
         listener = listener_id(account)
@@ -343,3 +348,42 @@ class Admission:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+class AdmissionCollector:
+    """Prometheus view of a node's admission: what it admitted, queued, refused and shed, and
+    whether it is in attack mode (shed requests never reach the metrics middleware)."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.admission
+        now = a.clock()
+        joins = CounterMetricFamily("townhall_admission_joins", "joins by outcome", labels=["outcome"])
+        joins.add_metric(["admitted"], a.admitted)
+        joins.add_metric(["queued"], a.queued)
+        yield joins
+        refused = CounterMetricFamily(
+            "townhall_admission_refused", "requests refused (429, shed 503, bad or missing proofs)"
+        )
+        refused.add_metric([], a.refused)
+        yield refused
+        shed = CounterMetricFamily(
+            "townhall_admission_shed", "requests shed under overload", labels=["class"]
+        )
+        for priority in Priority:
+            if priority is not Priority.NEVER:
+                shed.add_metric([priority.name.lower()], a.shedder.shed_by_class.get(priority, 0))
+        yield shed
+        attack = GaugeMetricFamily("townhall_admission_attack_mode", "1 while anonymous joins need a proof")
+        attack.add_metric([], 1.0 if a.attack.active(now) else 0.0)
+        yield attack
+        bits = GaugeMetricFamily(
+            "townhall_admission_pow_difficulty", "proof-of-work bits asked now (0: none)"
+        )
+        bits.add_metric([], a.attack.difficulty(now))
+        yield bits
+        tickets = GaugeMetricFamily("townhall_admission_node_tickets", "live tickets this node has issued")
+        tickets.add_metric([], a.node_counters.active_count(a.node_cap, now))
+        yield tickets

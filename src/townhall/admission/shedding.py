@@ -66,6 +66,7 @@ class Shedder:
     good_at: float | None = None  # last time the delay was under target
     shed: int = 0
     admitted: int = 0
+    shed_by_class: dict[Priority, int] = dataclasses.field(default_factory=dict)
 
     def overloaded_for(self, now: float) -> float:
         """How long the delay has stayed above target (0 when it has not for an interval)."""
@@ -85,6 +86,7 @@ class Shedder:
         level = int(over / self.interval)  # 1 after one interval, 2 after two...
         if delay > self.target and level >= int(priority):
             self.shed += 1
+            self.shed_by_class[priority] = self.shed_by_class.get(priority, 0) + 1
             return True
         self.admitted += 1
         return False

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from townhall.admission.gate import AdmissionCollector
 from townhall.control.node import Node
 from townhall.control.routes import accounts, admin, admission, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
@@ -80,6 +81,7 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     registry.register(StageCollector(node.stage))
+    registry.register(AdmissionCollector(node.admission))
     app.add_middleware(PlacementRelay, node=node)  # spaces another node runs
     app.add_middleware(hls.FastPath)  # inside the metrics: listener requests are counted too
     app.add_middleware(admission.JoinFastPath)  # joins and renewals before routing (counted too)
