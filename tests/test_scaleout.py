@@ -160,3 +160,37 @@ def test_a_space_runs_on_one_node_and_moves_when_that_node_goes(tmp_path: Path) 
             assert host.post(c.path("/end")).status_code == 200
             replay = host.get(f"/hls/{c.space_id}/replay.m3u8").text
         assert replay.count("#EXT-X-DISCONTINUITY\n") == 1, replay  # A's epoch, then B's
+
+
+def test_capacity_the_waiting_room_and_limits_hold_across_nodes(tmp_path: Path) -> None:
+    """Two nodes share one space's capacity, its waiting room and the per-address join limit
+    through Redis: what one node admitted counts at the other."""
+    base = generous_config(
+        "postgresql",
+        tmp_path / "data",
+        redis_url=REDIS,
+        redis_prefix=f"t-{secrets.token_hex(4)}",
+        space_max_listeners=2,
+        space_join_rate=0.05,
+        space_join_burst=2.0,
+        join_limit_per_address="6/minute",
+    )
+    config_a = Config.from_mapping({"public_url": f"http://127.0.0.1:{_free_port()}"}, base)
+    config_b = Config.from_mapping({"public_url": f"http://127.0.0.1:{_free_port()}"}, base)
+    with running_server(config_a, keep_schema=True) as a, running_server(config_b) as b:
+        c = cast(a)
+        path = f"/api/v1/spaces/{c.space_id}/join"
+
+        def join(node: RunningServer) -> httpx.Response:
+            with httpx.Client(base_url=node.url) as anonymous:
+                return anonymous.post(path)
+
+        assert join(a).status_code == 200
+        assert join(b).status_code == 200  # the space's two places, one taken at each node
+        waiting = [join(a), join(b), join(a)]
+        assert [r.status_code for r in waiting] == [202, 202, 202], [r.text for r in waiting]
+        assert [r.json()["position"] for r in waiting] == [1, 2, 3]  # one line across the nodes
+        assert join(b).json()["position"] == 4  # the 6th join from this address: the limit's last
+        again = join(a)
+        assert again.status_code == 429, again.text  # the 7th, counted at both nodes
+        assert again.headers.get("retry-after")
