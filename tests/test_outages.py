@@ -17,7 +17,8 @@ from tests.support import TcpRelay, running_server
 from townhall.stage.client import publish
 from townhall.stage.sources import ToneTrack
 
-OUTAGE = 6.0  # seconds without Redis
+REDIS_OUTAGE = 15.0  # seconds without Redis (the scale-out issue's figure)
+DB_OUTAGE = 6.0  # seconds without PostgreSQL
 
 
 def _hint(playlist: str) -> tuple[int, int]:
@@ -57,7 +58,7 @@ def test_a_redis_outage_is_ridden_out(tmp_path: Path) -> None:
                         seen["healthz"] = (await listener.get("/healthz")).status_code
                         seen["readyz"] = (await listener.get("/readyz")).json()
                         late = []
-                        while time.monotonic() - began < OUTAGE:  # the listener plays on
+                        while time.monotonic() - began < REDIS_OUTAGE:  # the listener plays on
                             r = await listener.get(playlist, params={"_HLS_msn": msn, "_HLS_part": part})
                             assert r.status_code == 200, r.text
                             late.append(r.elapsed.total_seconds())
@@ -99,7 +100,7 @@ def test_a_redis_outage_is_ridden_out(tmp_path: Path) -> None:
     assert seen["healthz"] == 200
     assert seen["readyz"]["error"]["code"] == "redis_unreachable"  # type: ignore[index]
     # About two parts a second kept coming to the listener already in.
-    assert int(seen["parts_during_outage"]) >= OUTAGE  # type: ignore[call-overload]
+    assert int(seen["parts_during_outage"]) >= REDIS_OUTAGE  # type: ignore[call-overload]
     status, retry_after, body = seen["join_during"]  # type: ignore[misc]
     # A new join meanwhile is either served (nothing it needs is in Redis) or refused safely:
     # 503 with Retry-After and a JSON error, never a crash.
@@ -137,7 +138,7 @@ def test_a_database_outage_is_ridden_out(tmp_path: Path) -> None:
                         seen["healthz"] = (await listener.get("/healthz")).status_code
                         seen["readyz"] = (await listener.get("/readyz")).json()
                         served = 0
-                        while time.monotonic() - began < OUTAGE:
+                        while time.monotonic() - began < DB_OUTAGE:
                             r = await listener.get(playlist, params={"_HLS_msn": msn, "_HLS_part": part})
                             assert r.status_code == 200, r.text
                             served += 1
@@ -166,7 +167,7 @@ def test_a_database_outage_is_ridden_out(tmp_path: Path) -> None:
 
     assert seen["healthz"] == 200
     assert seen["readyz"]["error"]["code"] == "database_unreachable"  # type: ignore[index]
-    assert int(seen["parts_during_outage"]) >= OUTAGE  # type: ignore[call-overload]
+    assert int(seen["parts_during_outage"]) >= DB_OUTAGE  # type: ignore[call-overload]
     status, retry_after, body = seen["join_during"]  # type: ignore[misc]
     assert status == 200 or (status == 503 and retry_after and '"error"' in body), (status, body)
     assert seen["after"] == 200
