@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.spaces_support import Cast, cast, generous_config
 from tests.support import assert_error, running_server
+from tests.test_audience import Speaker
 from townhall.audience.listener import Follower, parse_media_playlist
+from townhall.stage.sources import tone_power
 
 COOKIE = "townhall_ticket"
 
@@ -177,3 +183,36 @@ def test_a_blocking_reload_that_cannot_be_answered_gets_the_error_model(live: Ca
         later = msn + 1  # past anything the ended stream can still have flushed
         assert_error(c.get(url, params={"_HLS_msn": later, "_HLS_part": 0}), 503, "not_yet_available")
         assert_error(c.get(url, params={"_HLS_msn": later + 5}), 400, "bad_blocking_request")
+
+
+def test_ffmpeg_plays_the_hls_url_carrying_the_ticket_as_a_cookie(live: Cast, tmp_path: Path) -> None:
+    """ffmpeg resolves the playlist's relative URIs without the playlist's query, so the parts
+    reach it only through the cookie the ticketed playlist response set."""
+    ffmpeg = shutil.which("ffmpeg")
+    assert ffmpeg, "ffmpeg is a test peer (make sysdeps installs it)"
+    token = live.speaker.post(live.path("/speaker-token")).json()["speaker_token"]
+    speaker = Speaker(f"{live.server.url}/whip/{live.space_id}", token, 660.0)
+    try:
+        hls_url = live.listener.post(live.path("/join")).json()["hls_url"]
+        with httpx.Client(timeout=30) as c:
+            playlist_when_ready(c, hls_url.split("?")[0], ticket=hls_url.split("ticket=")[1])
+            # ffmpeg plays whole segments (it does not know parts): wait for two to be complete.
+            pl = c.get(hls_url.split("?")[0], params={"_HLS_msn": 1})
+            assert pl.status_code == 200, pl.text
+        part = parse_media_playlist(pl.text).parts[-1].uri
+        assert_error(httpx.get(f"{live.server.url}/hls/{live.space_id}/{part}"), 403, "ticket_required")
+        out = tmp_path / "ffmpeg.wav"
+        args = ["-hide_banner", "-loglevel", "error", "-live_start_index", "-4", "-i", hls_url]
+        run = subprocess.run(
+            [ffmpeg, *args, "-t", "3", "-ac", "1", "-ar", "48000", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+    finally:
+        speaker.close()
+    with wave.open(str(out), "rb") as w:
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    assert len(samples) >= 2.5 * 48000
+    assert tone_power(samples, 48000, 660.0) > 0.5
