@@ -294,10 +294,8 @@ class Admission:
                 raise Forbidden(str(exc), code=exc.code) from exc
             number = queued.number
             try:
-                decision = await self.store.update(
-                    space_id,
-                    lambda c: wr.claim(c, self.space_cap, number, now, expires, elsewhere_ok=node_ok),
-                    claim=number,
+                decision = await self.store.claim(
+                    space_id, self.space_cap, number, now, expires, elsewhere_ok=node_ok
                 )
             except AlreadyUsed:
                 raise Conflict(
@@ -305,9 +303,7 @@ class Admission:
                 ) from None
             text = queue_token
         else:
-            decision = await self.store.update(
-                space_id, lambda c: wr.join(c, self.space_cap, now, expires, elsewhere_ok=node_ok)
-            )
+            decision = await self.store.join(space_id, self.space_cap, now, expires, elsewhere_ok=node_ok)
             if isinstance(decision, wr.Wait):
                 text, queued = self.queue_tokens.issue(space_id, decision.number, now)
         if isinstance(decision, wr.Wait):
@@ -333,9 +329,7 @@ class Admission:
         if who.startswith("a") and who[1:].isdigit() and int(who[1:]) in snap.blocked:
             raise Forbidden("you are blocked from this space", code="blocked")
         text, ticket = self.tickets.issue(space_id, old.listener, now)
-        await self.store.update(
-            space_id, lambda c: wr.renew(c, self.space_cap, old.expires_at, ticket.expires_at, now)
-        )
+        await self.store.renew(space_id, self.space_cap, old.expires_at, ticket.expires_at, now)
         wr.renew(self.node_counters, self.node_cap, old.expires_at, ticket.expires_at, now)
         return Admitted(text, ticket)
 

@@ -1,20 +1,20 @@
 """Where the waiting room's counters live: process memory (embedded) or Redis (scale-out).
 
-Both run the same pure arithmetic (``waiting_room``) on a space's ``Counters``. Redis keeps
-them in one hash per space (``{redis_prefix}:wr:{space}``) plus one bit per arrival number
-(``...:wr:{space}:used``) so that a queue token admits once, and updates them in an optimistic
-transaction (``WATCH``/``MULTI``): nodes that race on one space retry, and no node ever
-applies a decision computed from stale counters.
+The memory store runs the pure arithmetic of ``waiting_room`` on a ``Counters`` per space. The
+Redis store keeps the same fields in one hash per space (``{redis_prefix}:wr:{space}``, the
+names of ``Counters.to_fields``) plus one bit per arrival number (``...:wr:{space}:used``) so a
+queue token admits once, and runs each operation as one Lua script: atomic on the Redis server,
+one round trip, no retries when nodes race on one space. The script is the same arithmetic
+written again in Lua (a transaction with ``WATCH`` around the Python functions cost ~3.6x more
+Redis CPU per update, BENCHMARKS.md "Scale-out plan"); ``tests/test_admission_cores.py`` runs
+both on the same random sequence of operations and asserts the same decisions and counters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from townhall.admission.waiting_room import Admit, Counters
-
-T = TypeVar("T")
+from townhall.admission import waiting_room as wr
 
 # Counters of a space nobody touched for this long are dropped (a space's life is hours).
 IDLE_SECONDS = 24 * 3600
@@ -25,75 +25,188 @@ class AlreadyUsed(Exception):
 
 
 class QueueStore(Protocol):
-    async def update(self, space_id: str, fn: Callable[[Counters], T], *, claim: int | None = None) -> T:
-        """Run ``fn`` on the space's counters atomically and keep its changes. With ``claim``,
-        raise ``AlreadyUsed`` if that arrival number was admitted before, and mark it used when
-        ``fn`` returns something true-ish under ``admitted``."""
+    """A space's waiting room, each operation atomic (``waiting_room`` says what they do)."""
+
+    async def join(
+        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
+    ) -> wr.Decision: ...
+
+    async def claim(
+        self,
+        space_id: str,
+        cap: wr.Capacity,
+        number: int,
+        now: float,
+        expires_at: float,
+        *,
+        elsewhere_ok: bool,
+    ) -> wr.Decision:
+        """``AlreadyUsed`` if ``number`` has been admitted before; marks it when admitting."""
         ...
+
+    async def renew(
+        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
+    ) -> None: ...
 
     async def close(self) -> None: ...
 
 
-def admitted(result: object) -> bool:
-    return isinstance(result, Admit)
-
-
 class MemoryQueueStore:
     def __init__(self) -> None:
-        self.counters: dict[str, Counters] = {}
+        self.counters: dict[str, wr.Counters] = {}
         self.used: dict[str, bytearray] = {}
 
-    async def update(self, space_id: str, fn: Callable[[Counters], T], *, claim: int | None = None) -> T:
+    def _of(self, space_id: str) -> wr.Counters:
         c = self.counters.get(space_id)
         if c is None:
-            c = self.counters[space_id] = Counters()
+            c = self.counters[space_id] = wr.Counters()
+        return c
+
+    async def join(
+        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
+    ) -> wr.Decision:
+        return wr.join(self._of(space_id), cap, now, expires_at, elsewhere_ok=elsewhere_ok)
+
+    async def claim(
+        self,
+        space_id: str,
+        cap: wr.Capacity,
+        number: int,
+        now: float,
+        expires_at: float,
+        *,
+        elsewhere_ok: bool,
+    ) -> wr.Decision:
         bits = self.used.setdefault(space_id, bytearray())
-        if claim is not None and claim < len(bits) * 8 and bits[claim >> 3] & (1 << (claim & 7)):
+        if number < len(bits) * 8 and bits[number >> 3] & (1 << (number & 7)):
             raise AlreadyUsed
-        result = fn(c)
-        if claim is not None and admitted(result):
-            if claim >= len(bits) * 8:
-                bits.extend(bytes((claim >> 3) + 1 - len(bits)))
-            bits[claim >> 3] |= 1 << (claim & 7)
-        return result
+        decision = wr.claim(self._of(space_id), cap, number, now, expires_at, elsewhere_ok=elsewhere_ok)
+        if isinstance(decision, wr.Admit):
+            if number >= len(bits) * 8:
+                bits.extend(bytes((number >> 3) + 1 - len(bits)))
+            bits[number >> 3] |= 1 << (number & 7)
+        return decision
+
+    async def renew(
+        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
+    ) -> None:
+        wr.renew(self._of(space_id), cap, old_expires_at, new_expires_at, now)
 
     async def close(self) -> None:
         self.counters.clear()
         self.used.clear()
 
 
+# The arithmetic of waiting_room.refresh/join/claim/renew, field for field. Returns
+# {outcome, number, released}: outcome 1 admitted, 0 waiting, -1 number already used.
+_SCRIPT = """
+local op = ARGV[1]
+local now, expires = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_active, rate, burst, bs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local arg, elsewhere_ok, idle, eps = tonumber(ARGV[8]), ARGV[9] == '1', tonumber(ARGV[10]), 1e-4
+if op == 'claim' and redis.call('GETBIT', KEYS[2], arg) == 1 then return {-1, arg, 0} end
+local f = redis.call('HGETALL', KEYS[1])
+local a, r, k, t = 0, 0, 0, -1
+local buckets = {}
+for i = 1, #f, 2 do
+  local name, value = f[i], tonumber(f[i + 1])
+  if name == 'a' then a = value elseif name == 'r' then r = value
+  elseif name == 'k' then k = value elseif name == 't' then t = value
+  elseif string.sub(name, 1, 1) == 'b' then buckets[tonumber(string.sub(name, 2))] = value end
+end
+if burst < 1 then burst = 1 end
+if t < 0 then k, t = burst, now
+elseif now > t then k = math.min(burst, k + (now - t) * rate); t = now end
+local floor = math.ceil(now / bs)
+local active = 0
+for b, n in pairs(buckets) do
+  if b < floor then redis.call('HDEL', KEYS[1], 'b' .. string.format('%d', b)); buckets[b] = nil
+  else active = active + n end
+end
+if a > r and active < max_active then
+  local kk = math.min(a - r, math.floor(k + eps))
+  r = r + kk; k = k - kk
+end
+local function count(at)
+  local b = math.ceil(at / bs)
+  redis.call('HINCRBY', KEYS[1], 'b' .. string.format('%d', b), 1)
+end
+local outcome, number = 0, -1
+if op == 'join' then
+  if a == r and k + eps >= 1 and active < max_active and elsewhere_ok then
+    k = k - 1; count(expires); outcome = 1
+  else number = a; a = a + 1 end
+elseif op == 'claim' then
+  number = arg
+  if number >= a then a = number + 1 end
+  if number < r and active < max_active and elsewhere_ok then
+    count(expires); outcome = 1
+    redis.call('SETBIT', KEYS[2], number, 1); redis.call('EXPIRE', KEYS[2], idle)
+  end
+elseif op == 'renew' then
+  local old = 'b' .. string.format('%d', math.ceil(arg / bs))
+  if (tonumber(redis.call('HGET', KEYS[1], old)) or 0) > 0 then redis.call('HINCRBY', KEYS[1], old, -1) end
+  count(expires)
+end
+redis.call('HSET', KEYS[1], 'a', string.format('%d', a), 'r', string.format('%d', r),
+  'k', string.format('%.17g', k), 't', string.format('%.17g', t))
+redis.call('EXPIRE', KEYS[1], idle)
+return {outcome, number, r}
+"""
+
+
 class RedisQueueStore:
+    """The waiting room on Redis, shared by every node of a fleet (one Lua call per operation)."""
+
     def __init__(self, url: str, prefix: str = "townhall:wr:") -> None:
         import redis.asyncio as aioredis
 
         self.redis: Any = aioredis.Redis.from_url(url, decode_responses=True)
         self.prefix = prefix
+        self._script: Any = self.redis.register_script(_SCRIPT)
 
-    async def update(self, space_id: str, fn: Callable[[Counters], T], *, claim: int | None = None) -> T:
-        from redis.exceptions import WatchError
-
+    async def _run(
+        self, op: str, space_id: str, cap: wr.Capacity, now: float, expires: float, arg: float, ok: bool
+    ) -> tuple[int, int, int]:
         key = self.prefix + space_id
-        used_key = key + ":used"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key, used_key)
-                    if claim is not None and await pipe.getbit(used_key, claim):
-                        await pipe.unwatch()
-                        raise AlreadyUsed
-                    c = Counters.from_fields(await pipe.hgetall(key))
-                    result = fn(c)
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.hset(key, mapping=c.to_fields())
-                    pipe.expire(key, IDLE_SECONDS)
-                    if claim is not None and admitted(result):
-                        pipe.setbit(used_key, claim, 1)
-                        pipe.expire(used_key, IDLE_SECONDS)
-                    await pipe.execute()
-                    return result
-                except WatchError:
-                    continue
+        args = [op, repr(now), repr(expires), cap.max_active, repr(cap.rate), repr(cap.burst)]
+        args += [repr(cap.bucket_seconds), repr(arg), "1" if ok else "0", IDLE_SECONDS]
+        outcome, number, released = await self._script(keys=[key, key + ":used"], args=args)
+        return int(outcome), int(number), int(released)
+
+    def _decision(self, cap: wr.Capacity, outcome: int, number: int, released: int) -> wr.Decision:
+        if outcome == 1:
+            return wr.Admit()
+        return wr.waiting(wr.Counters(released=released), cap, number)
+
+    async def join(
+        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
+    ) -> wr.Decision:
+        return self._decision(cap, *await self._run("join", space_id, cap, now, expires_at, 0, elsewhere_ok))
+
+    async def claim(
+        self,
+        space_id: str,
+        cap: wr.Capacity,
+        number: int,
+        now: float,
+        expires_at: float,
+        *,
+        elsewhere_ok: bool,
+    ) -> wr.Decision:
+        outcome, n, released = await self._run("claim", space_id, cap, now, expires_at, number, elsewhere_ok)
+        if outcome == -1:
+            raise AlreadyUsed
+        return self._decision(cap, outcome, n, released)
+
+    async def renew(
+        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
+    ) -> None:
+        await self._run("renew", space_id, cap, now, new_expires_at, old_expires_at, True)
+
+    async def counters(self, space_id: str) -> wr.Counters:
+        """The space's counters as stored (for tests and inspection)."""
+        return wr.Counters.from_fields(await self.redis.hgetall(self.prefix + space_id))
 
     async def close(self) -> None:
         await self.redis.aclose()
