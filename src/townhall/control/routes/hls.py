@@ -234,6 +234,7 @@ _LIVE_CACHE = b"public, max-age=0, must-revalidate"
 _COOKIE = TICKET_COOKIE.encode()
 # The last playlist text of each stream, encoded once (SpaceStream renders a new str per change).
 _encoded: dict[str, tuple[str, bytes]] = {}
+_ENCODED_MAX = 4096
 
 
 # Tickets whose signature this process has checked: the HMAC and the JSON are done once per
@@ -344,6 +345,8 @@ async def _fast(route: str, scope: Scope, send: Send) -> bool:
             return False
         last = _encoded.get(space_id)
         if last is None or last[0] is not text:
+            if last is None and len(_encoded) >= _ENCODED_MAX:
+                _encoded.clear()  # spaces come and go; a few re-encodes after a clear are cheap
             last = _encoded[space_id] = (text, text.encode())
         body, kind, headers = last[1], _M3U8, [(b"cache-control", cache)]
     else:
