@@ -228,6 +228,55 @@ def test_limits_hold_across_a_window_edge_with_no_double_burst(url: str | None) 
     asyncio.run(scenario())
 
 
+def test_joins_are_limited_per_slash_24_across_its_addresses(tmp_path: Path) -> None:
+    cfg = config(tmp_path, join_limit_per_network="3/minute", join_limit_per_address="100/minute")
+    with running_server(cfg) as server:
+        _, space_id = live_space(server)
+
+        def from_address(address: str) -> httpx.Response:
+            transport = httpx.HTTPTransport(local_address=address)
+            with httpx.Client(base_url=server.url, transport=transport, timeout=30) as http:
+                return http.post(f"/api/v1/spaces/{space_id}/join")
+
+        assert [from_address(f"127.0.0.{i}").status_code for i in (2, 3, 4)] == [200, 200, 200]
+        assert_error(from_address("127.0.0.5"), 429, "rate_limited")  # same /24, new address
+        assert from_address("127.0.1.2").status_code == 200  # the next /24 has its own
+
+
+def test_a_join_storm_costs_the_database_one_read_a_second(tmp_path: Path) -> None:
+    with running_server(config(tmp_path)) as server:
+        _, space_id = live_space(server)
+        snapshots = server.node.admission.snapshots
+        anon = server.client()
+        join(anon, space_id)
+        reads = snapshots.reads
+        start = time.monotonic()
+        codes = [join(anon, space_id).status_code for _ in range(40)]
+        elapsed = time.monotonic() - start
+        assert codes == [200] * 40
+        assert snapshots.reads - reads <= int(elapsed) + 1  # one read per second per space at most
+        ticket = join(anon, space_id).json()["ticket"]
+        reads = snapshots.reads
+        for _ in range(10):
+            r = anon.post(f"/api/v1/spaces/{space_id}/tickets/renew", json={"ticket": ticket})
+            assert r.status_code == 200
+            ticket = r.json()["ticket"]
+        assert snapshots.reads - reads <= 2
+
+
+def test_a_blocked_listener_can_neither_join_nor_renew(tmp_path: Path) -> None:
+    with running_server(config(tmp_path)) as server:
+        host, space_id = live_space(server)
+        bob = server.client().user("bob")
+        ticket = join(bob, space_id).json()["ticket"]
+        assert host.post(f"/api/v1/spaces/{space_id}/blocks", json={"handle": "bob"}).status_code == 204
+        assert_error(join(bob, space_id), 403, "blocked")
+        renewal = bob.post(f"/api/v1/spaces/{space_id}/tickets/renew", json={"ticket": ticket})
+        assert_error(renewal, 403, "blocked")
+        assert host.delete(f"/api/v1/spaces/{space_id}/blocks/bob").status_code == 204
+        assert join(bob, space_id).status_code == 200
+
+
 # -- shedding ------------------------------------------------------------------------------------
 
 
