@@ -28,6 +28,9 @@ Theory of operation (RFC 8216bis, draft-pantos-hls-rfc8216bis)
   and an edge cache can answer them all from one copy. Without a cookie (an edge that does
   not pass ``Set-Cookie``), the ticket rides on every request's query instead. An expired
   ticket is renewed by joining again when the listener was given the space's URL.
+- Admission: the join follows ``admission.client.admit``: in the waiting room it waits its
+  turn (202, ``Retry-After``, the queue token), it retries a 429 or a shed 503 after
+  ``Retry-After``, and in attack mode an anonymous join solves the proof of work.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ import av
 import httpx
 import numpy as np
 import numpy.typing as npt
+
+from townhall.admission.client import AdmissionRefused, admit
 
 RATE = 48000
 TICKET_COOKIE = "townhall_ticket"
@@ -513,15 +518,14 @@ class Listener:
         join = self.target.join_url.removesuffix("/").removesuffix("/join") + "/join"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            r = await self.http.post(join, headers=headers)
+            # Admission's client: waits its turn in the waiting room, retries 429/503 after
+            # Retry-After, solves the proof of work in attack mode (admission/client.py).
+            joined = await admit(self.http, join, headers=headers)
         except httpx.TransportError as exc:
             raise ListenError(f"POST {join}: {exc!r}") from exc
-        if r.status_code == 202:
-            body = r.json()
-            raise ListenError(f"queued in the waiting room at position {body.get('position')}; try later")
-        if r.status_code != 200:
-            raise _refusal(f"POST {join}", r)
-        self.ticket = str(r.json()["ticket"])
+        except AdmissionRefused as exc:
+            raise ListenError(f"POST {join}: {exc}") from exc
+        self.ticket = str(joined["ticket"])
 
     def _ticket_query(self) -> dict[str, str]:
         """The ticket rides in the query only when no cookie carries it."""
