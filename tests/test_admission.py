@@ -264,6 +264,20 @@ def test_a_join_storm_costs_the_database_one_read_a_second(tmp_path: Path) -> No
         assert snapshots.reads - reads <= 2
 
 
+def test_an_expired_or_revoked_session_cannot_join_as_its_account(tmp_path: Path) -> None:
+    with running_server(config(tmp_path, session_ttl_seconds=100)) as server:
+        _, space_id = live_space(server)
+        bob = server.client().user("bob")
+        assert join(bob, space_id).json()["listener"].startswith("a")
+        server.clock.advance(101)  # past the session's life (and the join's cache of it)
+        assert_error(join(bob, space_id), 401, "invalid_token")
+        carol = server.client().user("carol")
+        assert join(carol, space_id).status_code == 200
+        assert carol.delete("/api/v1/sessions/current").status_code in (204, 200)
+        server.clock.advance(6)  # a logout reaches joins within admission_session_cache_seconds
+        assert_error(join(carol, space_id), 401, "invalid_token")
+
+
 def test_a_blocked_listener_can_neither_join_nor_renew(tmp_path: Path) -> None:
     with running_server(config(tmp_path)) as server:
         host, space_id = live_space(server)

@@ -124,14 +124,14 @@ class SessionCache:
     def __init__(self, database: Database, ttl: float, clock: Callable[[], float]) -> None:
         self.database = database
         self.ttl = ttl
-        self.clock = clock
+        self.clock = clock  # wall time: sessions expire at an epoch second
         self._known: dict[str, tuple[int | None, float]] = {}
 
     async def account_id(self, token: str) -> int:
         now = self.clock()
         digest = token_digest(token)
         hit = self._known.get(digest)
-        if hit is None or now - hit[1] >= self.ttl:
+        if hit is None or not 0 <= now - hit[1] < self.ttl:
             async with self.database.session() as db:
                 row = (
                     await db.execute(
@@ -185,7 +185,7 @@ class Admission:
         self.pow_book = pow_book
         self.clock = clock
         self.snapshots = SpaceSnapshots(database, config.admission_snapshot_seconds)
-        self.sessions = SessionCache(database, config.admission_session_cache_seconds, time.monotonic)
+        self.sessions = SessionCache(database, config.admission_session_cache_seconds, lambda: self.clock())
         self.attack = AttackMode(
             threshold=config.attack_threshold_per_second,
             base_bits=config.pow_base_bits,
