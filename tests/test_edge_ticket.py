@@ -80,12 +80,8 @@ def _edge_config(prefix: Path, origin: int, listen: int, verifier: int) -> str:
             listen=f"127.0.0.1:{listen}",
             prefix=str(prefix),
             workers="1",
-            ticket_include=str(prefix / "ticket.conf"),
+            ticket_dir=str(prefix),
         )
-    )
-    text = text.replace("http {\n", f"http {{\n    include {prefix / 'ticket-http.conf'};\n", 1)
-    text = text.replace(
-        "    server {\n", f"    server {{\n        include {prefix / 'ticket-server.conf'};\n", 1
     )
     return text
 

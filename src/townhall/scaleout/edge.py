@@ -7,7 +7,8 @@ N identical requests into one:
 
 - ``proxy_cache_key`` is the path plus ``_HLS_msn``/``_HLS_part`` only — never the ticket (it
   differs per listener and would defeat the cache); tickets are checked at the edge itself
-  (the admission design's edge check is included where ``ticket_include`` says).
+  (the admission design's ``auth_request`` check, deploy/nginx/ticket.md, is included from
+  ``ticket_dir``: its http-, server- and location-level parts, each where it belongs).
 - ``proxy_cache_lock on``: while one request for an object is on its way to the origin, the
   others wait for its answer instead of going too. A blocking playlist reload is held at the
   origin for up to three target durations (6 s by default), so the lock's timeout and age are
@@ -37,7 +38,9 @@ class EdgeSettings:
     workers: str = "auto"
     cache_size: str = "2g"
     hold_seconds: int = 10  # > the origin's longest blocking-reload hold (3 x target, 6 s)
-    ticket_include: str = ""  # an nginx snippet checking the listener ticket at the edge
+    # The directory holding the edge's ticket check (deploy/nginx/ticket*.conf, ticket.md):
+    # ticket-http.conf, ticket-server.conf and ticket.conf, included where each belongs.
+    ticket_dir: str = ""
 
 
 TEMPLATE = """\
@@ -48,6 +51,7 @@ pid {prefix}/nginx.pid;
 events {{ worker_connections 8192; }}
 
 http {{
+{ticket_http}
     access_log off;
     server_tokens off;
     sendfile on;
@@ -75,6 +79,7 @@ http {{
 
     server {{
         listen {listen};
+{ticket_server}
 
         location ~ "^/hls/(?<space>[A-Za-z0-9]{{1,16}})/" {{
 {ticket}
@@ -122,7 +127,8 @@ def render(settings: EdgeSettings) -> str:
         if not host or not port.isdigit():
             raise ValueError(f"an origin is host:port, not {origin!r}")
     servers = "\n".join(f"        server {o} max_fails=2 fail_timeout=2s;" for o in settings.origins)
-    ticket = f"            include {settings.ticket_include};" if settings.ticket_include else NO_TICKET_CHECK
+    d = settings.ticket_dir.rstrip("/")
+    ticket = f"            include {d}/ticket.conf;" if d else NO_TICKET_CHECK
     return TEMPLATE.format(
         workers=settings.workers,
         prefix=settings.prefix,
@@ -130,6 +136,10 @@ def render(settings: EdgeSettings) -> str:
         servers=servers,
         listen=settings.listen,
         ticket=ticket,
+        ticket_http=f"    include {d}/ticket-http.conf;"
+        if d
+        else "    # (no edge ticket check: see ticket_dir)",
+        ticket_server=f"        include {d}/ticket-server.conf;" if d else "",
         hold=settings.hold_seconds,
         read_timeout=settings.hold_seconds + 5,
     )
@@ -140,5 +150,5 @@ SHIPPED = EdgeSettings(
     origins=["node1:8080", "node2:8080"],
     listen="0.0.0.0:8081",
     prefix="/var/cache/townhall-edge",
-    ticket_include="/etc/nginx/townhall/ticket.conf",
+    ticket_dir="/etc/nginx/townhall",
 )
