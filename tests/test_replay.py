@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import m3u8
 import pytest
@@ -91,6 +92,13 @@ def recorded_space(world: World, title: str = "Town hall") -> str:
     if not world.store.is_finished(space_id):
         world.store.finish(space_id)
     return space_id
+
+
+def posts_of(api: Api, path: str) -> list[dict[str, Any]]:
+    r = api.get(path)
+    assert r.status_code == 200, (r.status_code, r.text)
+    posts: list[dict[str, Any]] = r.json()["posts"]
+    return posts
 
 
 def stored_seconds(world: World, space_id: str) -> float:
@@ -196,10 +204,10 @@ def test_recording_m4a(world: World, tmp_path: Path) -> None:
 
 def test_replay_post_on_timeline_and_feed(world: World) -> None:
     space_id = recorded_space(world, "Budget night")
-    timeline = world.anonymous.get("/api/v1/accounts/host/posts").json()["posts"]
+    timeline = posts_of(world.anonymous, "/api/v1/accounts/host/posts")
     assert timeline[0]["kind"] == "replay"
     assert timeline[0]["text"] == "Replay: Budget night" and timeline[0]["space_id"] == space_id
-    feed = world.fan.get("/api/v1/feed").json()["posts"]
+    feed = posts_of(world.fan, "/api/v1/feed")
     assert [(p["kind"], p["space_id"]) for p in feed[:2]] == [
         ("replay", space_id),
         ("announcement", space_id),
@@ -218,7 +226,7 @@ def test_not_ready_not_recorded_unknown(world: World) -> None:
     never = world.space("Never", start=False)
     world.end(never)
     assert_error(api.get(f"/hls/{never}/replay.m3u8"), 404, "no_recording")
-    kinds = [p["kind"] for p in api.get("/api/v1/accounts/host/posts").json()["posts"]]
+    kinds = [p["kind"] for p in posts_of(api, "/api/v1/accounts/host/posts")]
     assert "replay" not in kinds
 
 
@@ -232,7 +240,7 @@ def test_a_space_not_recorded_leaves_nothing_behind(world: World) -> None:
     assert not (world.server.config.data / "media" / space_id).exists()
     assert_error(world.anonymous.get(f"/hls/{space_id}/replay.m3u8"), 404, "not_recorded")
     assert_error(world.anonymous.get(f"/api/v1/spaces/{space_id}/recording.m4a"), 404, "not_recorded")
-    posts = world.anonymous.get("/api/v1/accounts/host/posts").json()["posts"]
+    posts = posts_of(world.anonymous, "/api/v1/accounts/host/posts")
     assert [p["kind"] for p in posts if p["space_id"] == space_id] == ["announcement"]
 
 
@@ -325,9 +333,9 @@ def test_deletion_removes_media_and_posts(world: World) -> None:
     assert_error(api.get(f"/api/v1/spaces/{space_id}"), 404, "space_not_found")
     assert_error(api.get(f"/hls/{space_id}/replay.m3u8"), 404, "space_not_found")
     assert_error(api.get(f"/api/v1/spaces/{space_id}/recording.m4a"), 404, "space_not_found")
-    posts = api.get("/api/v1/accounts/host/posts").json()["posts"]
+    posts = posts_of(api, "/api/v1/accounts/host/posts")
     assert space_id not in {p["space_id"] for p in posts}
-    assert space_id not in {p["space_id"] for p in world.fan.get("/api/v1/feed").json()["posts"]}
+    assert space_id not in {p["space_id"] for p in posts_of(world.fan, "/api/v1/feed")}
     assert_error(world.host.delete(f"/api/v1/spaces/{space_id}"), 404, "space_not_found")
     # An admin deletes someone else's space: audited.
     second = recorded_space(world, "Second")
@@ -384,9 +392,7 @@ def test_retention_sweep(world: World) -> None:
     assert_error(world.anonymous.get(f"/hls/{old}/replay.m3u8"), 404, "recording_deleted")
     assert_error(world.anonymous.get(f"/api/v1/spaces/{old}/recording.m4a"), 404, "recording_deleted")
     assert world.anonymous.get(f"/hls/{recent}/replay.m3u8").status_code == 200
-    kinds = {
-        (p["kind"], p["space_id"]) for p in world.anonymous.get("/api/v1/accounts/host/posts").json()["posts"]
-    }
+    kinds = {(p["kind"], p["space_id"]) for p in posts_of(world.anonymous, "/api/v1/accounts/host/posts")}
     assert ("replay", old) not in kinds and ("replay", recent) in kinds
     # Idempotent.
     again = run_sweep(world.server, now, retention_days=2)
