@@ -17,9 +17,11 @@ import pytest
 
 from tests.recording_support import decode_mono, package_tone, store_epochs
 from townhall.audience.fmp4 import Box, BoxReader, base_decode_time, find
+from townhall.audience.packager import Packager
 from townhall.audience.recording import (
     MAX_SEGMENT_PARTS,
     RecordingPlan,
+    codec_key,
     init_with_duration,
     plan_recording,
     read_track,
@@ -176,6 +178,22 @@ def test_init_rewrite_keeps_the_track() -> None:
     assert types == [b.type for b in BoxReader().feed(packaged.init)]
     with av.open(__import__("io").BytesIO(rewritten + b"".join(p.data for p in packaged.parts))) as c:
         assert abs(c.duration / 1e6 - 30 * 3600) < 1  # type: ignore[operator]
+
+
+def test_another_bitrate_joins_but_not_another_track() -> None:
+    """A restart with another ``aac_bitrate`` changes only the bitrate fields of the sample
+    description (the decoder's configuration is the same): the epochs join."""
+    low = package_tone(1.0)
+    inits: list[bytes] = []
+    parts: list[object] = []
+    packager = Packager("b", on_init=inits.append, on_part=parts.append, bitrate=32000, queue_frames=400)
+    for i in range(50):
+        packager.queue.put((np.zeros(960, dtype=np.int16), 1000.0 + i * 0.02))
+    packager.queue.put(None)
+    packager._thread.join()
+    assert read_track(inits[0]).stsd != read_track(low.init).stsd
+    assert codec_key(read_track(inits[0]).stsd) == codec_key(read_track(low.init).stsd)
+    plan_recording({0: low.init, 1: inits[0]}, [])
 
 
 def test_a_different_track_cannot_be_joined(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ Theory of operation (ISO/IEC 14496-12)
   time a crashed packager was down is not in the recording: there is no audio for it).
   ``tfhd`` carries default-base-is-moof, so data offsets are relative to each ``moof`` and moving
   a part changes nothing else.
-- Every epoch's init segment must describe the same track (same ``stsd``); the packager's
-  settings do not change between restarts, so one ``moov`` serves all.
+- Every epoch's init segment must describe the same track (same ``stsd`` but for its bitrate
+  fields: an operator may change ``aac_bitrate`` between a crash and the restart), so one
+  ``moov`` serves all.
 - The file is never built whole: :class:`RecordingPlan` maps byte offsets onto the init and the
   parts, so a ``Range`` request reads only the parts it touches.
 - VOD segments group consecutive parts of one epoch up to a target duration (a new epoch starts
@@ -120,6 +121,45 @@ def read_track(init: bytes) -> Track:
     if sum(1 for c in children(moov.payload) if c.type == b"trak") != 1:
         raise ValueError("a recording has exactly one track")
     return Track(_timescale(mvhd), _timescale(mdhd), stsd.data)
+
+
+def _descriptor_length(data: bytes, pos: int) -> tuple[int, int]:
+    """An MPEG-4 descriptor length (ISO/IEC 14496-1 §8.3.3: 7 bits a byte, high bit = more)."""
+    length = 0
+    for _ in range(4):
+        byte = data[pos]
+        pos += 1
+        length = (length << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            break
+    return length, pos
+
+
+def codec_key(stsd: bytes) -> bytes:
+    """The sample description without its bitrate fields (``esds`` DecoderConfigDescriptor
+    bufferSizeDB/maxBitrate/avgBitrate, §7.2.6.6 of 14496-1, and ``btrt``): two inits that
+    differ only there decode alike, so their parts can share one ``moov``."""
+    out = bytearray(stsd)
+    try:
+        at = stsd.find(b"esds")
+        if at >= 0:
+            pos = at + 8  # the fourcc, then version and flags
+            if stsd[pos] == 0x03:  # ES_Descriptor
+                _, pos = _descriptor_length(stsd, pos + 1)
+                flags = stsd[pos + 2]
+                pos += 3
+                pos += 2 if flags & 0x80 else 0
+                pos += 1 + stsd[pos] if flags & 0x40 else 0
+                pos += 2 if flags & 0x20 else 0
+            if stsd[pos] == 0x04:  # DecoderConfigDescriptor
+                _, pos = _descriptor_length(stsd, pos + 1)
+                out[pos + 2 : pos + 13] = bytes(11)
+        at = stsd.find(b"btrt")
+        if at >= 0:
+            out[at + 4 : at + 16] = bytes(12)
+    except IndexError:
+        return stsd
+    return bytes(out)
 
 
 def init_with_duration(init: bytes, media_duration: int) -> bytes:
@@ -275,7 +315,7 @@ def plan_recording(inits: Mapping[int, bytes], parts: Sequence[PartInfo]) -> Rec
     first = inits[min(inits)]
     track = read_track(first)
     for epoch, init in inits.items():
-        if read_track(init).stsd != track.stsd:
+        if codec_key(read_track(init).stsd) != codec_key(track.stsd):
             raise ValueError(f"epoch {epoch} has another sample description: cannot join without re-encoding")
     playable = [p for p in parts if p.epoch in inits]
     if len(playable) != len(parts):
