@@ -335,3 +335,23 @@ def test_networks_are_a_slash_24_or_a_slash_56() -> None:
     assert network_of("2001:db8:abcd:12ff::1") == "2001:db8:abcd:1200::/56"
     assert network_of("::ffff:198.51.100.9") == "198.51.100.0/24"
     assert network_of("unknown") == "unknown"
+
+
+def test_the_memory_limiter_still_forgets_old_hits_though_less_often() -> None:
+    from townhall.admission.limiter import LimitsLimiter, QuietMemoryStorage
+
+    async def scenario() -> None:
+        limiter = LimitsLimiter.from_url(None)
+        storage = limiter._storage
+        assert isinstance(storage, QuietMemoryStorage)
+        storage.CLEAN_EVERY = 0.2
+        for i in range(50):
+            assert (await limiter.hit("2 per 1 second", "k", str(i))).allowed
+        assert len(storage.events) == 50
+        await asyncio.sleep(1.3)  # every hit has left its window
+        await limiter.hit("2 per 1 second", "k", "late")  # schedules a clean-up pass
+        await asyncio.sleep(0.3)
+        assert len(storage.events) <= 1
+        await limiter.close()
+
+    asyncio.run(scenario())
