@@ -112,6 +112,9 @@ def test_replay_playlist_and_its_objects(world: World) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/vnd.apple.mpegurl")
     assert r.headers["cache-control"] == "public, max-age=300"
+    head = api.request("HEAD", f"/hls/{space_id}/replay.m3u8")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(r.content))
     text = r.text
     epochs_stored = world.store.epochs(space_id)
     assert epochs_stored[: len(EPOCHS)] == list(range(len(EPOCHS)))

@@ -5,8 +5,8 @@ A finished recording never changes, so its listing, plan and playlist are kept i
 in-memory cache, checked on each use against the ``finished`` marker (one ``stat``: its inode
 and modification time): deleting the space's media, or writing the marker anew, invalidates the
 entry on any node sharing the files. An unfinished recording (the end was just posted; or the
-packager died and nobody has finalised it yet) is read afresh each time and served as far as
-it is durable.
+packager died and nobody has finalised it yet) is reused for at most a second and served as
+far as it is durable.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 
 from townhall.audience.playlist import Part, PlaylistSpec, Segment, render_vod
 from townhall.audience.recording import (
@@ -26,6 +27,9 @@ from townhall.audience.recording import (
 from townhall.storage.media_store import MediaStore, PartInfo
 
 REPLAY_DIR = "replay"
+# How long an unfinished recording's listing is reused (it can only grow, and only while a
+# packager is still writing: right after the end, or never again if it died).
+UNFINISHED_TTL = 1.0
 
 
 def init_uri(epoch: int) -> str:
@@ -98,6 +102,7 @@ class Replays:
         self.capacity = capacity
         self._cache: collections.OrderedDict[str, Replay] = collections.OrderedDict()
         self._building: dict[str, threading.Lock] = {}
+        self._built_at: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, space_id: str) -> Replay | None:
@@ -107,24 +112,32 @@ class Replays:
             building = self._building.setdefault(space_id, threading.Lock())
         with building:
             token = self.store.finished_token(space_id)
+            now = time.monotonic()
             with self._lock:
                 cached = self._cache.get(space_id)
-                if cached is not None and token is not None and cached.finished_token == token:
-                    self._cache.move_to_end(space_id)
-                    return cached
+                if cached is not None and cached.finished_token == token:
+                    built_at = self._built_at.get(space_id, 0.0)
+                    if token is not None or now - built_at < UNFINISHED_TTL:
+                        self._cache.move_to_end(space_id)
+                        return cached
                 self._cache.pop(space_id, None)
             replay = build_replay(space_id, self.store, self.part_target)
             with self._lock:
-                if replay is not None and replay.finished:
+                if replay is not None:
+                    # An unfinished one too, briefly: a player fetching the segments of a
+                    # recording whose packager died must not rebuild it on every request.
                     self._cache[space_id] = replay
+                    self._built_at[space_id] = now
                     while len(self._cache) > self.capacity:
-                        self._cache.popitem(last=False)
+                        old, _ = self._cache.popitem(last=False)
+                        self._built_at.pop(old, None)
                 self._building.pop(space_id, None)
             return replay
 
     def forget(self, space_id: str) -> None:
         with self._lock:
             self._cache.pop(space_id, None)
+            self._built_at.pop(space_id, None)
 
     def segment_bytes(self, replay: Replay, segment: ReplaySegment) -> bytes:
         """A VOD segment: its parts as stored (their own epoch's timeline, behind the epoch's
