@@ -63,7 +63,9 @@ handshakes), warm-up and the window.
    (each in fresh spaces) while ``wrk -t2 -c128 -d15s`` hits ``GET /api/v1/spaces/{id}/state``,
    ``GET /healthz``, and ``POST /api/v1/sessions`` with wrong passwords (argon2id verifications).
    The stage runs in a process of its own; this says whether the HTTP process's load still
-   reaches its clock (through the two shared cores only).
+   reaches its clock (through the two shared cores only). The peer, in every window: a bare
+   asyncio process that only wakes every 20 ms (``TICKER``), niced like the stage (or in
+   SCHED_RR with ``--stage-rt``): how late the machine itself wakes a clock that has no work.
 
 Output: a table on stdout, ``bench/results/stage.json`` and ``bench/results/stage.png``.
 """
@@ -577,6 +579,36 @@ async def latency_direct(seconds: float) -> dict[str, Any]:
 
 # -- 4. flood -------------------------------------------------------------------------------------
 
+# The peer of the stage's clock: a process that does nothing but wake every 20 ms against
+# absolute deadlines, scheduled like the stage (niced, or SCHED_RR under --stage-rt).
+TICKER = r"""
+import asyncio, json, os, sys
+os.nice(int(sys.argv[2]))
+async def main(seconds):
+    loop = asyncio.get_running_loop()
+    start, late, n = loop.time(), [], 0
+    while (n := n + 1) * 0.02 <= seconds:
+        deadline = start + n * 0.02
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        late.append(loop.time() - deadline)
+    late.sort()
+    q = lambda p: late[min(len(late) - 1, int(p * len(late)))] * 1e3
+    print(json.dumps({"ticks": len(late), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": late[-1] * 1e3,
+                      "late": {str(t): sum(x > t for x in late) for t in (0.005, 0.01, 0.02)}}))
+asyncio.run(main(float(sys.argv[1])))
+"""
+
+
+async def bare_ticker(seconds: float, rt: bool) -> dict[str, Any]:
+    """Run ``TICKER`` for ``seconds`` beside the stage: how late a clock with no work at all is
+    woken on this machine right now, under the stage's scheduling."""
+    cmd = [sys.executable, "-c", TICKER, str(seconds), "0" if rt else "-5"]
+    if rt:
+        cmd = ["chrt", "-r", "10", *cmd]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    return dict(json.loads(out))
+
 
 async def run_wrk(url: str, script: Path, threads: int, connections: int, duration_s: int) -> dict[str, Any]:
     cmd = [
@@ -697,11 +729,13 @@ async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Pat
                 time.monotonic(),
             )
             load = None
+            ticker = asyncio.create_task(bare_ticker(args.flood_seconds, args.stage_rt))
             if script is None:
                 await asyncio.sleep(args.flood_seconds)
             else:
                 url = api.base + (f"/api/v1/spaces/{stage.space}/state" if path == "state" else str(path))
                 load = await run_wrk(url, script, 2, args.flood_connections, args.flood_seconds)
+            bare = await ticker
             wall = time.monotonic() - t0
             cpu, busy = (server.cpu_seconds() - cpu0) / wall, (busy_cpu_s() - busy0) / wall
             stage_cores = (stage_cpu_seconds(server) - stage0) / wall
@@ -710,6 +744,7 @@ async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Pat
             await stage.close(api)
         cases[name] = {
             "wrk": load,
+            "bare_ticker": bare,
             "server_cores": cpu,
             "stage_cores": stage_cores,
             "http_cores": cpu - stage_cores,
@@ -721,6 +756,7 @@ async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Pat
             f"   p50 {after.p50_ms:.2f} ms, p99 {after.p99_ms:.2f} ms, max {after.max_ms:.2f} ms; late ticks "
             f"(>5/10/20 ms) in the window {late['0.005']:.0f}/{late['0.01']:.0f}/{late['0.02']:.0f}"
             + (f"; {load['requests_per_s']:.0f} req/s" if load else "")
+            + f"; bare ticker p99 {bare['p99_ms']:.2f} ms, max {bare['max_ms']:.2f} ms"
         )
     return {"cases": cases, "target_p99_ms": 5.0, "connections": args.flood_connections}
 
@@ -862,11 +898,13 @@ def table(result: dict[str, Any]) -> str:
         load = case["wrk"]
         rate = f"{load['requests_per_s']:,.0f} req/s" if load else "no HTTP load"
         late = case["lateness"]["window_late_ticks"]
+        bare = case["bare_ticker"]
         rows.append(
             f"| 4. tick lateness p50 / p99 / max, {name} | {e['p50_ms']:.2f} / **{e['p99_ms']:.2f}** / "
             f"{e['max_ms']:.2f} ms; late ticks (> 5 / 10 / 20 ms) in the window {late['0.005']:.0f} / "
             f"{late['0.01']:.0f} / {late['0.02']:.0f} of {case['lateness']['window_ticks']:.0f} | {rate}; "
-            f"stage {case['stage_cores']:.2f}, HTTP {case['http_cores']:.2f} cores | p99 < 5 ms |"
+            f"stage {case['stage_cores']:.2f}, HTTP {case['http_cores']:.2f} cores; bare ticker p99 "
+            f"{bare['p99_ms']:.2f}, max {bare['max_ms']:.2f} ms, {bare['late']['0.01']} late | p99 < 5 ms |"
         )
     return "\n".join(rows)
 
