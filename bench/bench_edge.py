@@ -67,13 +67,19 @@ end
 """
 
 
-def origin_requests(base: str) -> float:
+def origin_counts(base: str) -> dict[str, float]:
+    """The origin's listener requests so far, by route and status."""
     text = httpx.get(base + "/metrics", timeout=10).text
-    total = 0.0
+    counts: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("townhall_http_requests_total{") and 'route="/hls/' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.removeprefix("townhall_http_requests_total")] = float(value)
+    return counts
+
+
+def origin_requests(base: str) -> float:
+    return sum(origin_counts(base).values())
 
 
 def hint(playlist: str) -> tuple[int, int, int, int]:
@@ -158,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 + DONE
             )
-            before, cpu0, t0 = origin_requests(server.base), session_cpu_seconds(edge.pid), time.monotonic()
+            counts0 = origin_counts(server.base)
+            before, cpu0, t0 = sum(counts0.values()), session_cpu_seconds(edge.pid), time.monotonic()
             threads = 2 if n >= 2 else 1
             out = subprocess.run(
                 [
@@ -177,7 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 check=False,
             )
             wall = time.monotonic() - t0
-            after, cpu1 = origin_requests(server.base), session_cpu_seconds(edge.pid)
+            counts1 = origin_counts(server.base)
+            after, cpu1 = sum(counts1.values()), session_cpu_seconds(edge.pid)
+            by_kind = {k: v - counts0.get(k, 0.0) for k, v in counts1.items() if v - counts0.get(k, 0.0) > 0}
             line = next((x for x in out.stdout.splitlines() if x.startswith("EDGE_JSON ")), None)
             if line is None:
                 raise RuntimeError(f"wrk: {out.stdout}\n{out.stderr}")
@@ -193,6 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "p50_ms": w["p50_us"] / 1000,
                 "p99_ms": w["p99_us"] / 1000,
                 "origin_requests": after - before,
+                "origin_requests_by_route": by_kind,
                 "parts": round(parts, 1),
                 "origin_requests_per_part": round((after - before) / parts, 2),
                 "edge_cores": round(edge_cores, 3),
