@@ -52,6 +52,8 @@ bench: $(STAMP) web sysdeps
 	$(BIN)/python bench/bench_stage.py
 	$(BIN)/python bench/bench_audience.py
 	$(BIN)/python bench/bench_redis.py
+	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_edge.py
 
 ## Re-pin every dependency after changing pyproject.toml.
 lock:
