@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--storm-seconds", type=float, default=10)
     parser.add_argument("--legit", type=int, default=300)
     parser.add_argument("--flood-seconds", type=float, default=10)
-    parser.add_argument("--join-rate", type=float, default=50.0, help="the space's admissions per second")
+    parser.add_argument("--join-rate", type=float, default=20.0, help="the space's admissions per second")
     parser.add_argument("--pause", type=float, default=15.0, help="seconds between scenarios")
     args = parser.parse_args()
     env = {"TOWNHALL_SPACE_JOIN_RATE": str(args.join_rate), "TOWNHALL_SPACE_JOIN_BURST": str(args.join_rate)}

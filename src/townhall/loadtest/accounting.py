@@ -467,6 +467,14 @@ TICK_LATENESS = "townhall_stage_tick_lateness_seconds"
 TICKS = "townhall_stage_ticks_total"
 LATE_TICKS = "townhall_stage_late_ticks"
 LATE_OVER = ("0.005", "0.01", "0.02")
+# CPU seconds of the node's HTTP process and of its stage process, to tell who was busy.
+NODE_CPU = "process_cpu_seconds_total"
+STAGE_CPU = "townhall_stage_process_cpu_seconds"
+# Whether the node asked anonymous joins for a proof of work, and how hard.
+ADMISSION = (
+    ("townhall_admission_attack_mode", "attack_mode"),
+    ("townhall_admission_pow_difficulty", "pow_bits"),
+)
 
 
 def tick_lateness(text: str) -> dict[str, float]:
@@ -486,12 +494,16 @@ def tick_lateness(text: str) -> dict[str, float]:
     for labels, value in metric_samples(text, LATE_TICKS):
         if "over_seconds" in labels:
             out[f"late>{labels['over_seconds']}"] = value
+    for name, key in ((NODE_CPU, "node_cpu"), (STAGE_CPU, "stage_cpu"), *ADMISSION):
+        for _, value in metric_samples(text, name):
+            out[key] = value
     return out
 
 
 @dataclasses.dataclass
 class Sampled:
-    """The stage's figures, sampled during a run (``tick_lateness`` of each read)."""
+    """The node's own figures, read from ``/metrics`` during a run (``tick_lateness`` of each
+    read): the stage's ticks, its CPU, and the admission's attack mode."""
 
     start: float
     samples: list[tuple[float, dict[str, float]]] = dataclasses.field(default_factory=list)
@@ -512,25 +524,33 @@ class Sampled:
         ]
 
     def during_run(self) -> dict[str, float] | None:
-        """Ticks run and ticks late by more than 5, 10, 20 ms between the first and the last
-        read (a restarted room's counters start again: then None)."""
+        """Ticks run, ticks late by more than 5, 10, 20 ms, and CPU seconds of the node's HTTP
+        and stage processes between the first and the last read (``seconds`` apart; None if
+        a counter went back, as a restarted room's or process's does)."""
         if len(self.samples) < 2:
             return None
         first, last = self.samples[0][1], self.samples[-1][1]
         out = {}
-        for key in ("ticks", *(f"late>{o}" for o in LATE_OVER)):
+        for key in ("ticks", *(f"late>{o}" for o in LATE_OVER), "node_cpu", "stage_cpu"):
             if key in first and key in last:
                 if last[key] < first[key]:
                     return None
-                out[key] = last[key] - first[key]
+                out[key] = round(last[key] - first[key], 3)
+        out["seconds"] = round(self.samples[-1][0] - self.samples[0][0], 3)
         return out
 
     def as_dict(self) -> dict[str, Any]:
         worst = {
             q: max((v[q] for _, v in self.samples if q in v), default=None) for q in ("0.5", "0.99", "1.0")
         }
+        attack = [t for t, v in self.samples if v.get("attack_mode")]
         return {
             "metric": TICK_LATENESS,
+            "attack_mode": {
+                "first_seen_at": attack[0] if attack else None,
+                "samples_on": len(attack),
+                "max_pow_bits": max((v.get("pow_bits", 0.0) for _, v in self.samples), default=None),
+            },
             "note": "quantiles are the node's figure over its last 10 minutes (worst room); "
             "during_run counts ticks and late ticks between the first and last read of this run",
             "samples": [{"t": t, **v} for t, v in self.samples],

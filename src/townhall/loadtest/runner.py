@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import secrets
 import ssl
 import time
@@ -60,6 +61,12 @@ Clock = Callable[[], float]
 # each time) would cost milliseconds apiece; loopback load is plain HTTP anyway.
 _TLS = ssl.create_default_context()
 MAX_SOURCES = 4096
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its finished children (the proof-of-work workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class LoadtestError(Exception):
@@ -109,7 +116,7 @@ class FloodPlan:
     legit: int
     attack_factor: float
     attack_sources: int = 4
-    attack_inflight: int = 256
+    attack_inflight: int = 1024
     accounts: int = 0
 
 
@@ -325,6 +332,7 @@ class Run:
         self.fields: Callable[[], Mapping[str, object]] = dict
         self.total = common.seconds
         self.load_at_start = os.getloadavg()
+        self.cpu_at_start = _own_cpu()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def begin(self, total: float) -> None:
@@ -333,6 +341,7 @@ class Run:
         self.lateness = Sampled(self.start)
         self.total = total
         self.load_at_start = os.getloadavg()
+        self.cpu_at_start = _own_cpu()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -438,6 +447,8 @@ class Run:
 
     def header(self, params: Mapping[str, Any]) -> dict[str, Any]:
         load = os.getloadavg()
+        elapsed = max(1e-9, self.clock() - self.start)
+        cpu = _own_cpu() - self.cpu_at_start
         return {
             "scenario": self.scenario,
             "target": self.base,
@@ -450,6 +461,12 @@ class Run:
                 "loadavg_at_end": [round(x, 2) for x in load],
                 "note": "the load generator and the server share this machine's cores",
             },
+            "generator_cpu": {
+                "seconds": round(cpu, 3),
+                "cores": round(cpu / elapsed, 3),
+                "note": "this process and its proof-of-work workers; near 1 core, the generator "
+                "(one event loop) is the bottleneck",
+            },
         }
 
     def write(self, report: dict[str, Any], series: plot.Series) -> dict[str, Any]:
@@ -458,7 +475,7 @@ class Run:
         stamp = dt.datetime.fromtimestamp(self.start, dt.UTC).strftime("%Y%m%dT%H%M%S")
         stem = f"{self.scenario}-{stamp}-{secrets.token_hex(2)}"
         json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-        report["tick_lateness"] = self.lateness.as_dict()
+        report["node_metrics"] = self.lateness.as_dict()
         report["files"] = {"json": str(json_path), "png": str(png_path)}
         plot.draw(png_path, f"townhall loadtest {self.scenario}", series, self.lateness)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -875,7 +892,7 @@ def summary(report: Mapping[str, Any]) -> str:
     """A few lines for a person: the headline figures and where the files are."""
     lines = [f"{report['scenario']} against {report['target']} ({report['elapsed']:.1f} s):"]
     figures: Mapping[str, Any] = report
-    late = report["tick_lateness"]["worst"]
+    late = report["node_metrics"]["worst"]
     if report["scenario"] == "listeners":
         ls, lat = report["listeners"], report["part_latency"]
         lines.append(
@@ -900,6 +917,14 @@ def summary(report: Mapping[str, Any]) -> str:
         )
         if report["scenario"] == "flood":
             a = report["attack"]
+            mode = report["node_metrics"]["attack_mode"]
+            if mode["first_seen_at"] is not None:
+                lines.append(
+                    f"  attack mode seen on from {mode['first_seen_at']:.1f} s "
+                    f"({mode['max_pow_bits']:.0f} bits at most)"
+                )
+            else:
+                lines.append("  attack mode not seen on in /metrics")
             lines.append(
                 f"  legitimate success {figures['success_rate']:.2%} "
                 f"(admitted {figures['admitted_rate']:.2%}), "
@@ -907,13 +932,23 @@ def summary(report: Mapping[str, Any]) -> str:
                 f"{a['planned_rate']}/s planned), turned away {a['rejection_rate']:.2%}, let in {a['let_in']}"
             )
     lag = (report["joins"] if report["scenario"] == "listeners" else figures)["start_lag"]
-    lines.append(f"  load generator: starts late by p50 {_ms(lag, 'p50')}, p99 {_ms(lag, 'p99')}")
-    during = report["tick_lateness"]["during_run"]
+    gen = report["generator_cpu"]
+    lines.append(
+        f"  load generator: starts late by p50 {_ms(lag, 'p50')}, p99 {_ms(lag, 'p99')}; "
+        f"{gen['cores']:.2f} cores busy"
+    )
+    during = report["node_metrics"]["during_run"]
     if during:
         lines.append(
             f"  stage this run: {during.get('ticks', 0):.0f} ticks, late by > 5 ms "
             f"{during.get('late>0.005', 0):.0f}, > 20 ms {during.get('late>0.02', 0):.0f}; "
             f"node's 10-minute p99 up to {_ms(late, '0.99')}, max {_ms(late, '1.0')}"
         )
+        if during.get("seconds"):
+            span = during["seconds"]
+            lines.append(
+                f"  node CPU: HTTP process {during.get('node_cpu', 0) / span:.2f} cores, "
+                f"stage process {during.get('stage_cpu', 0) / span:.2f} cores"
+            )
     lines.append(f"  report {report['files']['json']}, plot {report['files']['png']}")
     return "\n".join(lines)
