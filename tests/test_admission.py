@@ -468,3 +468,44 @@ def test_two_nodes_on_redis_share_the_limits_and_the_waiting_room(tmp_path: Path
         assert 429 not in codes
         assert_error(join(on_a, space_id), 429, "rate_limited")
         assert_error(join(on_b, space_id), 429, "rate_limited")
+
+
+def test_a_second_server_process_shares_the_queue_and_the_limits_on_redis(tmp_path: Path) -> None:
+    """As deployed: `townhall serve` in its own process beside a node, on one Redis (and one
+    SQLite file and key set through the shared data directory)."""
+    from tests.test_cli import free_port, start, stop, wait_healthy
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    settings: dict[str, Any] = {
+        "redis_url": REDIS_URL,
+        "redis_prefix": prefix,
+        "space_join_rate": 0.01,
+        "space_join_burst": 1.0,
+        "join_limit_per_address": "6/minute",
+    }
+    with running_server(config(tmp_path, **settings)) as a:
+        port = free_port()
+        env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in settings.items()}
+        proc = start(["serve", "--port", str(port), "--data", str(tmp_path / "data")], env)
+        try:
+            b_url = f"http://127.0.0.1:{port}"
+            wait_healthy(b_url, proc, 60)
+            _, space_id = live_space(a)
+            on_a = a.client()
+            with Api(b_url) as on_b:
+                assert join(on_a, space_id).status_code == 200
+                first, second = join(on_b, space_id), join(on_a, space_id)
+                assert (first.status_code, second.status_code) == (202, 202), (first.text, second.text)
+                assert (first.json()["position"], second.json()["position"]) == (1, 2)
+                a.clock.advance(100.0)  # a's clock moves the shared bucket on: the first is released
+                assert join(on_a, space_id, queue_token=first.json()["queue_token"]).status_code == 200
+                assert_error(
+                    join(on_b, space_id, queue_token=first.json()["queue_token"]), 409, "queue_token_used"
+                )
+                assert join(on_b, space_id, queue_token=second.json()["queue_token"]).json()["position"] == 1
+                # Fresh joins so far: 3 of the address's 6 a minute, counted across both processes.
+                assert [join(on_b, space_id).status_code for _ in range(3)] == [202, 202, 202]
+                assert_error(join(on_a, space_id), 429, "rate_limited")
+                assert_error(join(on_b, space_id), 429, "rate_limited")
+        finally:
+            stop(proc)
