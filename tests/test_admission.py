@@ -308,7 +308,7 @@ def _stall_loop(server: RunningServer, stop: threading.Event) -> None:
 
 
 def test_an_overloaded_node_sheds_anonymous_joins_first_and_never_speakers_or_hosts(tmp_path: Path) -> None:
-    with running_server(config(tmp_path)) as server:
+    with running_server(config(tmp_path, shed_target_ms=5.0)) as server:  # the shipped target
         host, space_id = live_space(server)
         anon = server.client()
         stop = threading.Event()
