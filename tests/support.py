@@ -109,7 +109,14 @@ def running_server(config: Config, *, keep_schema: bool = False) -> Iterator[Run
     sock.bind(("127.0.0.1", urllib.parse.urlparse(config.public_url).port or 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=3)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=3,
+            proxy_headers=False,  # as server.py runs it: only trusted_proxies may name a client
+        )
     )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()

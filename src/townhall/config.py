@@ -39,6 +39,9 @@ class Config:
     # With Redis, a space's stage runs on one node, which holds a lease on it this long and
     # renews it every third; a dead node's spaces move to the next node a speaker reaches.
     stage_lease_seconds: float = 10.0
+    # Addresses or networks (comma-separated CIDRs) of proxies in front of the node, such as
+    # the listener edge: from them, X-Forwarded-For names the client for per-address limits.
+    trusted_proxies: str = ""
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
     log_level: str = "info"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import ipaddress
 import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -75,7 +77,37 @@ ReplaysDep = Annotated[Replays, Depends(get_replays)]
 
 
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """Who is asking, for per-address limits. The peer's address; but when the peer is a
+    trusted proxy (``trusted_proxies``: the listener edge, a load balancer), the address it
+    reports in ``X-Forwarded-For`` — the nearest one, reading from the right, that is not
+    itself a trusted proxy. Behind an edge every request would otherwise share its address."""
+    peer = request.client.host if request.client else "unknown"
+    node: Node = request.app.state.node
+    trusted = trusted_networks(node.config.trusted_proxies)
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        inside = _within(hop, trusted)
+        if inside is None:
+            return peer  # not an address: the header is not to be believed
+        if not inside:
+            return hop
+    return hops[0] if hops else peer
+
+
+@functools.lru_cache(maxsize=8)
+def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(x.strip(), strict=False) for x in spec.split(",") if x.strip())
+
+
+def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool | None:
+    """Whether ``address`` is in one of ``networks``; None if it is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return any(ip in n for n in networks)
 
 
 async def optional_principal(

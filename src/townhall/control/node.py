@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import secrets
@@ -74,6 +75,12 @@ class Node:
             if config.redis_url
             else InProcessEventBus()
         )
+        try:
+            for network in config.trusted_proxies.split(","):
+                if network.strip():
+                    ipaddress.ip_network(network.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {exc}") from exc
         if not 0.2 <= config.hls_part_seconds <= 1.0 or not 1 <= config.hls_segment_parts <= 12:
             raise ConfigError("hls_part_seconds must be 0.2-1.0 and hls_segment_parts 1-12")
         spec = PlaylistSpec(
