@@ -2,9 +2,10 @@
 
 Starts a demo node (a live space whose host talks: a WHIP tone, so the stage ticks) on a free
 loopback port with the space's admission rate set low enough that a storm overflows it, runs
-the three scenarios one after the other, and keeps their reports and plots in
-``bench/results/`` (``loadtest-{scenario}.json`` / ``.png``) plus a summary
-(``loadtest.json``). The load generator is one Python process on the same two cores as the
+the three scenarios one after the other (listeners in the demo's space; the storm and the flood
+each in a fresh live space of the demo host, since a storm leaves its space's queue full), and
+keeps their reports and plots in ``bench/results/`` (``loadtest-{scenario}.json`` / ``.png``)
+plus a summary (``loadtest.json``). The load generator is one Python process on the same two cores as the
 node: its figures are what this machine carries with both on it, not the node's limit.
 
     .venv/bin/python bench/bench_loadtest.py [--listeners 500] [--storm 5000] [--legit 300]
@@ -55,6 +56,20 @@ def start_demo(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     return proc, m[1], m[2]
 
 
+def fresh_space(url: str, title: str) -> str:
+    """A new live space of the demo host (so that one scenario's waiting room, still full of
+    the storm's joiners, does not stand in front of the next one's)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        login = {"handle": "demo_host", "password": "demo-password"}
+        token = http.post("/api/v1/sessions", json=login).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        space = str(http.post("/api/v1/spaces", json={"title": title}, headers=auth).json()["id"])
+        http.post(f"/api/v1/spaces/{space}/start", headers=auth).raise_for_status()
+    return space
+
+
 def loadtest(scenario: str, url: str, space: str, out: Path, *args: str) -> dict[str, object]:
     cmd = [str(TOWNHALL), "loadtest", scenario, "--url", url, "--space", space, *args, "--out", str(out)]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -95,7 +110,7 @@ def main() -> None:
             )
             time.sleep(args.pause)
             storm = ["-n", str(args.storm), "--seconds", str(args.storm_seconds), "--drain", "20"]
-            reports["join-storm"] = loadtest("join-storm", url, space, out, *storm)
+            reports["join-storm"] = loadtest("join-storm", url, fresh_space(url, "storm"), out, *storm)
             time.sleep(args.pause)
             flood = [
                 "--legit",
@@ -105,7 +120,7 @@ def main() -> None:
                 "--seconds",
                 str(args.flood_seconds),
             ]
-            reports["flood"] = loadtest("flood", url, space, out, *flood, "--drain", "20")
+            reports["flood"] = loadtest("flood", url, fresh_space(url, "flood"), out, *flood, "--drain", "20")
         finally:
             proc.send_signal(signal.SIGINT)
             try:

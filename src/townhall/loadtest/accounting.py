@@ -469,7 +469,7 @@ LATE_TICKS = "townhall_stage_late_ticks"
 LATE_OVER = ("0.005", "0.01", "0.02")
 # CPU seconds of the node's HTTP process and of its stage process, to tell who was busy.
 NODE_CPU = "process_cpu_seconds_total"
-STAGE_CPU = "townhall_stage_process_cpu_seconds"
+STAGE_CPU = "townhall_stage_process_cpu_seconds_total"
 # Whether the node asked anonymous joins for a proof of work, and how hard.
 ADMISSION = (
     ("townhall_admission_attack_mode", "attack_mode"),

@@ -944,11 +944,13 @@ def summary(report: Mapping[str, Any]) -> str:
             f"{during.get('late>0.005', 0):.0f}, > 20 ms {during.get('late>0.02', 0):.0f}; "
             f"node's 10-minute p99 up to {_ms(late, '0.99')}, max {_ms(late, '1.0')}"
         )
-        if during.get("seconds"):
+        if during.get("seconds") and ("node_cpu" in during or "stage_cpu" in during):
             span = during["seconds"]
-            lines.append(
-                f"  node CPU: HTTP process {during.get('node_cpu', 0) / span:.2f} cores, "
-                f"stage process {during.get('stage_cpu', 0) / span:.2f} cores"
-            )
+            busy = [
+                f"{name} {during[key] / span:.2f} cores"
+                for key, name in (("node_cpu", "HTTP process"), ("stage_cpu", "stage process"))
+                if key in during
+            ]
+            lines.append(f"  node CPU: {', '.join(busy)}")
     lines.append(f"  report {report['files']['json']}, plot {report['files']['png']}")
     return "\n".join(lines)
