@@ -151,7 +151,6 @@ class Node:
         await self.hub.start()
         if isinstance(self.bus, RedisEventBus):
             await self.bus.start()
-        self._tasks.append(asyncio.create_task(self._follow_revocations()))
         self._tasks.append(asyncio.create_task(self._renew_leases()))
         self._tasks.append(asyncio.create_task(self._resume_live_spaces()))
 
@@ -170,33 +169,11 @@ class Node:
         await self.database.close()
 
     async def publish(self, outcome: Outcome) -> None:
-        """Announce what a committed operation changed. The stage applies it before the API
-        answers: a revoked speaker is cut off, a mute is in the mixer, an ended space's last
-        part is encoded."""
+        """Announce what a committed operation changed, once this node has applied it: the
+        stage applies it before the API answers (a revoked speaker is cut off, a mute is in
+        the mixer, an ended space's last part is encoded)."""
         for event in outcome.events:
-            if isinstance(event, SpeakerRevoked):
-                # Applied locally before anyone hears of it: no window where this node accepts it.
-                self.grants.revoke(event.grant_id, self.clock())
-            try:
-                if isinstance(event, SpeakerRevoked):
-                    await self.stage.revoke(event.grant_id)
-                elif isinstance(event, SpeakerMuted):
-                    await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
-                elif isinstance(event, SpaceStarted):
-                    # The stage runs where the space is claimed: here, unless another node
-                    # already holds it.
-                    if await self.placement.claim(event.space_id) == self.placement.me:
-                        await self.stage.start_space(event.space_id)
-                elif isinstance(event, SpaceEnded):
-                    await self.stage.end_space(event.space_id)
-                    await self.placement.release(event.space_id)
-            except StageError:
-                # The stage is restarting: it comes back with no sessions, and every speaker
-                # who reconnects is checked (and muted) against the database again.
-                logger.warning("stage unavailable for an event", extra={"space": event.space_id})
-            if isinstance(event, StageChanged | SpaceEnded | SpaceStarted):
-                self.hub.invalidate(event.space_id)  # read-your-writes for the caller
-                self.admission.snapshots.invalidate(event.space_id)  # joins see ends and blocks
+            await self._apply(event, local=True)
             await self.bus.publish(event)
 
     async def redis_ping(self, within: float) -> bool:
@@ -206,9 +183,14 @@ class Node:
         return await self.bus.ping(within)
 
     async def apply_remote(self, event: SpaceEvent) -> None:
-        """Another node's event (over Redis): apply its effects here as a local one's are
-        applied before it is published: a revoked grant refused and its media cut, a mute in
-        this node's mixer, an ended space's stage closed, cached state re-read."""
+        """Another node's event (over Redis): its effects here, as a local one's."""
+        await self._apply(event, local=False)
+
+    async def _apply(self, event: SpaceEvent, *, local: bool) -> None:
+        """What an event changes on this node: a revoked grant refused (before anyone hears of
+        it: no window where this node accepts it) and its media cut, a mute in the mixer, a
+        space started here staged where it is claimed (here, unless another node holds it),
+        an ended space's stage closed and its claim released, cached state re-read."""
         if isinstance(event, SpeakerRevoked):
             self.grants.revoke(event.grant_id, self.clock())
         try:
@@ -216,13 +198,19 @@ class Node:
                 await self.stage.revoke(event.grant_id)
             elif isinstance(event, SpeakerMuted):
                 await self.stage.mute(event.space_id, speaker_key(event.account_id), event.muted)
-            elif isinstance(event, SpaceEnded) and self.stage.hosts(event.space_id):
+            elif isinstance(event, SpaceStarted) and local:
+                if await self.placement.claim(event.space_id) == self.placement.me:
+                    await self.stage.start_space(event.space_id)
+            elif isinstance(event, SpaceEnded) and (local or self.stage.hosts(event.space_id)):
                 await self.stage.end_space(event.space_id)
                 await self.placement.release(event.space_id)
         except StageError:
-            logger.warning("stage unavailable for another node's event", extra={"space": event.space_id})
+            # The stage is restarting: it comes back with no sessions, and every speaker who
+            # reconnects is checked (and muted) against the database again.
+            logger.warning("stage unavailable for an event", extra={"space": event.space_id})
         if isinstance(event, StageChanged | SpaceEnded | SpaceStarted):
-            self.hub.invalidate(event.space_id)
+            self.hub.invalidate(event.space_id)  # read-your-writes for the caller
+            self.admission.snapshots.invalidate(event.space_id)  # joins see ends and blocks
 
     async def _renew_leases(self) -> None:
         """Keep this node's claim on the spaces whose stage it runs (a third of the lease)."""
@@ -235,13 +223,6 @@ class Node:
                 continue
             for space_id in lost:
                 logger.error("another node took over a space this node runs", extra={"space": space_id})
-
-    async def _follow_revocations(self) -> None:
-        async with self.bus.listening() as queue:
-            while True:
-                event = await queue.get()
-                if isinstance(event, SpeakerRevoked):
-                    self.grants.revoke(event.grant_id, self.clock())
 
     async def _resume_live_spaces(self) -> None:
         """After a restart, every space still live in the database gets its stage back (the
