@@ -136,23 +136,28 @@ class Sources:
         self._transports: dict[str | None, httpx.AsyncHTTPTransport] = {}
         self._clients: dict[str | None, httpx.AsyncClient] = {}
 
-    def transport(self, address: str | None) -> httpx.AsyncHTTPTransport:
+    def transport(self, address: str | None, keepalive: int = 64) -> httpx.AsyncHTTPTransport:
         key = address if self.bind else None
         t = self._transports.get(key)
         if t is None:
             # Idle connections are dropped before uvicorn's own 5 s keep-alive timeout closes them,
             # so that a joiner returning after Retry-After never races the server's close.
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0)
+            limits = httpx.Limits(
+                max_connections=None, max_keepalive_connections=keepalive, keepalive_expiry=4.0
+            )
             t = self._transports[key] = httpx.AsyncHTTPTransport(
                 verify=_TLS, limits=limits, local_address=key
             )
         return t
 
-    def client(self, address: str | None) -> httpx.AsyncClient:
-        """A shared client of this address (no cookies kept: joins need none)."""
+    def client(self, address: str | None, keepalive: int = 64) -> httpx.AsyncClient:
+        """A shared client of this address (no cookies kept: joins need none); ``keepalive``
+        idle connections kept for reuse (an attacker keeps all of its own: reconnecting would
+        cost it as much as the node)."""
         key = address if self.bind else None
         c = self._clients.get(key)
         if c is None:
+            self.transport(address, keepalive)
             c = self._clients[key] = self.own_client(address)
         return c
 
@@ -664,7 +669,8 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
     url = f"{run.base}/api/v1/spaces/{c.space}/join"
 
     async def attacker(i: int) -> None:
-        http = run.sources.client(attack_address(i % plan.attack_sources))
+        per_source = -(-plan.attack_inflight // plan.attack_sources)
+        http = run.sources.client(attack_address(i % plan.attack_sources), keepalive=per_source)
         sent = run.clock()
         try:
             r = await http.post(url)
