@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.edge_support import edge_prefix, running_edge
 from tests.spaces_support import Cast, cast, generous_config
 from tests.support import TcpRelay, running_server
 from townhall.scaleout.edge import EdgeSettings, render
@@ -59,85 +57,58 @@ def test_the_edge_collapses_listeners_and_rides_out_an_origin_outage(live: Cast)
     origin_port = int(live.server.url.rsplit(":", 1)[1])
     relay = TcpRelay("127.0.0.1", origin_port).start()  # nginx -> relay -> origin: cuttable
     edge_port = _free_port()
-    # nginx's workers drop root for "nobody": the edge's files live where nobody can reach.
-    prefix = Path(tempfile.mkdtemp(prefix="townhall-edge-"))
-    for sub in ("tmp", "cache"):
-        (prefix / sub).mkdir()
-    for path in (prefix, prefix / "tmp", prefix / "cache"):
-        path.chmod(0o777)
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        render(
-            EdgeSettings(
-                origins=[f"127.0.0.1:{relay.port}"],
-                listen=f"127.0.0.1:{edge_port}",
-                prefix=str(prefix),
-                workers="1",
-            )
-        )
-    )
-    edge = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    edge_url = f"http://127.0.0.1:{edge_port}"
     space = live.space_id
+    with edge_prefix() as prefix:
+        settings = EdgeSettings(
+            origins=[f"127.0.0.1:{relay.port}"],
+            listen=f"127.0.0.1:{edge_port}",
+            prefix=str(prefix),
+            workers="1",
+        )
+        try:
+            with running_edge(prefix, render(settings), edge_port) as edge_url:
+                asyncio.run(_collapse_and_outage(live, relay, edge_url, space))
+        finally:
+            relay.stop()
+
+
+async def _collapse_and_outage(live: Cast, relay: TcpRelay, edge_url: str, space: str) -> None:
+    pub = await publish(f"{live.server.url}/whip/{space}", live_token(live), ToneTrack(440.0))
     try:
+        async with httpx.AsyncClient(base_url=edge_url, timeout=20) as http:
+            joined = await http.post(f"/api/v1/spaces/{space}/join")
+            assert joined.status_code == 200, joined.text
+            assert "townhall_ticket" in http.cookies  # the ticket travels as the cookie
+            await asyncio.sleep(1.5)
+            first = await http.get(f"/hls/{space}/live.m3u8")
+            assert first.status_code == 200, first.text
+            msn, part = _next_part(first.text)
 
-        async def scenario() -> None:
-            pub = await publish(f"{live.server.url}/whip/{space}", live_token(live), ToneTrack(440.0))
-            try:
-                async with httpx.AsyncClient(base_url=edge_url, timeout=20) as http:
-                    deadline = time.monotonic() + 10
-                    while True:  # the edge is up
-                        try:
-                            if (await http.get("/healthz")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        assert time.monotonic() < deadline, (prefix / "error.log").read_text()
-                        await asyncio.sleep(0.1)
-                    joined = await http.post(f"/api/v1/spaces/{space}/join")
-                    assert joined.status_code == 200, joined.text
-                    assert "townhall_ticket" in http.cookies  # the ticket travels as the cookie
-                    await asyncio.sleep(1.5)
-                    first = await http.get(f"/hls/{space}/live.m3u8")
-                    assert first.status_code == 200, first.text
-                    msn, part = _next_part(first.text)
+            # LISTENERS blocking reloads for the part not made yet: one reaches the origin.
+            before = _origin_requests(live, "/hls/{space_id}/live.m3u8")
+            query = f"/hls/{space}/live.m3u8?_HLS_msn={msn}&_HLS_part={part}"
+            answers = await asyncio.gather(*(http.get(query) for _ in range(LISTENERS)))
+            assert {a.status_code for a in answers} == {200}
+            assert len({a.content for a in answers}) == 1  # the same bytes for all
+            assert f"seg{msn}.{part}.m4s" in answers[0].text
+            assert _origin_requests(live, "/hls/{space_id}/live.m3u8") - before == 1
 
-                    # LISTENERS blocking reloads for the part not made yet: one reaches the origin.
-                    before = _origin_requests(live, "/hls/{space_id}/live.m3u8")
-                    query = f"/hls/{space}/live.m3u8?_HLS_msn={msn}&_HLS_part={part}"
-                    answers = await asyncio.gather(*(http.get(query) for _ in range(LISTENERS)))
-                    assert {a.status_code for a in answers} == {200}
-                    assert len({a.content for a in answers}) == 1  # the same bytes for all
-                    assert f"seg{msn}.{part}.m4s" in answers[0].text
-                    assert _origin_requests(live, "/hls/{space_id}/live.m3u8") - before == 1
+            # LISTENERS fetch that new part: one origin request.
+            before = _origin_requests(live, "/hls/{space_id}/{name}")
+            name = f"/hls/{space}/seg{msn}.{part}.m4s"
+            parts = await asyncio.gather(*(http.get(name) for _ in range(LISTENERS)))
+            assert {p.status_code for p in parts} == {200} and len({p.content for p in parts}) == 1
+            assert _origin_requests(live, "/hls/{space_id}/{name}") - before == 1
 
-                    # LISTENERS fetch that new part: one origin request.
-                    before = _origin_requests(live, "/hls/{space_id}/{name}")
-                    name = f"/hls/{space}/seg{msn}.{part}.m4s"
-                    parts = await asyncio.gather(*(http.get(name) for _ in range(LISTENERS)))
-                    assert {p.status_code for p in parts} == {200} and len({p.content for p in parts}) == 1
-                    assert _origin_requests(live, "/hls/{space_id}/{name}") - before == 1
-
-                    # The origin drops off the network: what the edge holds is still served.
-                    relay.cut()
-                    again = await http.get(name)
-                    assert again.status_code == 200 and again.content == parts[0].content
-                    stale = await http.get(query)
-                    assert stale.status_code == 200 and stale.content == answers[0].content
-                    relay.restore()
-            finally:
-                await pub.close()
-
-        asyncio.run(scenario())
+            # The origin drops off the network: what the edge holds is still served.
+            relay.cut()
+            again = await http.get(name)
+            assert again.status_code == 200 and again.content == parts[0].content
+            stale = await http.get(query)
+            assert stale.status_code == 200 and stale.content == answers[0].content
+            relay.restore()
     finally:
-        edge.terminate()
-        edge.wait(10)
-        relay.stop()
-        shutil.rmtree(prefix, ignore_errors=True)
+        await pub.close()
 
 
 def live_token(c: Cast) -> str:
