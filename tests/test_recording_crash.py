@@ -62,7 +62,7 @@ def test_kill_9_mid_space_loses_at_most_the_part_in_flight(tmp_path: Path) -> No
     first = start(args, env)
     try:
         wait_healthy(url, first)
-        with Api(url).user("host") as host:
+        with Api(url) as anonymous, anonymous.user("host") as host:
             space_id = host.post("/api/v1/spaces", json={"title": "Crash"}).json()["id"]
             assert host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
             token = host.post(f"/api/v1/spaces/{space_id}/speaker-token").json()["speaker_token"]

@@ -57,6 +57,9 @@ class Config:
     # Addresses offered as ICE host candidates, comma-separated. Empty: loopback when `host` is
     # a loopback address, else every interface address.
     media_addresses: str = ""
+    # The stage process asks for real-time scheduling (SCHED_RR) so that its 20 ms ticks are
+    # woken on time whatever else runs; it falls back to nice where that is not permitted.
+    stage_realtime: bool = True
     # LL-HLS: part duration (0.2-1.0 s), parts per segment, AAC-LC bitrate of the program mix.
     hls_part_seconds: float = 0.5
     hls_segment_parts: int = 4

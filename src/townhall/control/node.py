@@ -97,6 +97,7 @@ class Node:
                 part_target=config.hls_part_seconds,
                 bitrate=config.aac_bitrate,
                 log_level=config.log_level,
+                realtime=config.stage_realtime,
             ),
         )
         limiter = limiter or LimitsLimiter.from_url(config.redis_url or None, config.redis_prefix)

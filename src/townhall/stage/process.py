@@ -53,6 +53,7 @@ class StageSettings:
     part_target: float
     bitrate: int
     log_level: str = "info"
+    realtime: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ class StageProcess:
                     str(theirs.fileno()),
                     "--log-level",
                     self.settings.log_level,
+                    *(["--realtime"] if self.settings.realtime else []),
                 ],
                 pass_fds=[theirs.fileno()],
             )
