@@ -175,3 +175,15 @@ def test_a_killed_stage_process_is_restarted_and_the_space_goes_on(live: Cast) -
             os.kill(old_pid, 0)  # reaped: no zombie left behind
 
     asyncio.run(scenario())
+
+
+def test_a_space_s_first_segments_carry_no_discontinuity(live: Cast) -> None:
+    """The stage process started for a space's first second is not a restart: its live
+    playlist begins without a discontinuity (nor a DISCONTINUITY-SEQUENCE later on)."""
+    stream = live.server.node.origin.streams[live.space_id]
+    deadline = time.monotonic() + 20
+    while len(stream.segments) < 2:
+        assert time.monotonic() < deadline, "no segments"
+        time.sleep(0.1)
+    assert not any(s.discontinuity for s in stream.segments)
+    assert live.server.node.stage.restarts == 0

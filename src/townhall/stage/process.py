@@ -152,9 +152,10 @@ class StageProcess:
                 part_target=s.part_target,
                 bitrate=s.bitrate,
             )
-            for space_id in sorted(self._live):  # after a restart: every live space again
-                self.origin.attach(space_id).restart()
-                await channel.request("start", space=space_id)
+            if self.restarts:  # a new process after one died: every live space again
+                for space_id in sorted(self._live):
+                    self.origin.attach(space_id).restart()
+                    await channel.request("start", space=space_id)
             self._ready.set()
             logger.info("stage process ready", extra={"pid": self.pid})
             await running
