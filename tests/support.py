@@ -20,6 +20,7 @@ import uvicorn
 
 from townhall.config import Config
 from townhall.control.app import create_app
+from townhall.control.fastproto import listener_protocol
 from townhall.control.node import Node
 from townhall.social import accounts
 
@@ -96,9 +97,13 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(config: Config, *, keep_schema: bool = False) -> Iterator[RunningServer]:
+def running_server(
+    config: Config, *, keep_schema: bool = False, protocol: bool = False
+) -> Iterator[RunningServer]:
     """A node serving ``config`` in a thread; its PostgreSQL schema is dropped at the end unless
-    ``keep_schema`` (another node of the same test still uses it)."""
+    ``keep_schema`` (another node of the same test still uses it). ``protocol``: listener
+    requests answered in the HTTP protocol (``control/fastproto.py``), as ``townhall serve``
+    does; otherwise uvicorn's own protocol and the ASGI fast path."""
     clock = Clock()
     node = Node.from_config(config)
     node.set_clock(clock)
@@ -116,6 +121,7 @@ def running_server(config: Config, *, keep_schema: bool = False) -> Iterator[Run
             access_log=False,
             timeout_graceful_shutdown=3,
             proxy_headers=False,  # as server.py runs it: only trusted_proxies may name a client
+            http=listener_protocol(node, app) if protocol else "auto",
         )
     )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)

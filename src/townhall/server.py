@@ -12,6 +12,7 @@ import uvicorn
 
 from townhall.config import Config
 from townhall.control.app import create_app
+from townhall.control.fastproto import listener_protocol
 from townhall.control.node import Node
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def build_server(config: Config, node: Node | None = None) -> uvicorn.Server:
         proxy_headers=False,
         server_header=False,
         lifespan="on",
+        # Listener requests answered in the HTTP protocol itself, everything else through ASGI.
+        http=listener_protocol(node, app),
         # Long-lived streams (SSE) must not hold a shutdown for long.
         timeout_graceful_shutdown=3,
     )

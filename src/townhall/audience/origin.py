@@ -6,18 +6,68 @@ Nothing here is per listener: every listener of a space is served the same bytes
 per change. When the stage process restarts mid-space, the stream closes the segment it was
 building and marks the next one as a discontinuity (timestamps start again; the init segment is
 byte-identical, since the encoder settings are the same).
+
+Blocking reloads wait in one list per requested point (``msn``, ``part``) with one timer per
+list, not a task or a timer per request: when a change makes a point available, its whole list
+is woken at once (``Waiter.ready``), so whoever answers can build the answer once for all of
+them; when the list's oldest waiter reaches its bound, it and every waiter due within
+``EXPIRY_SLACK`` of it are told so (``Waiter.expired``). The HTTP protocol
+(``control/fastproto.py``) parks connections here directly; ``wait_for`` puts a future in the
+same lists for the ASGI routes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import dataclasses
+from typing import Protocol
 
 from townhall.audience.packager import PartReady
 from townhall.audience.playlist import Part, PlaylistSpec, Segment, has_part, render_live
 
 RETAIN_SEGMENTS = 12
+# Waiters of one list due this close together are expired by the same timer call: a request
+# may be answered "not in time" up to this much before its bound (seconds, against bounds of
+# three target durations), so that a list with a steady stream of arrivals costs one timer
+# call per slack, not one per request.
+EXPIRY_SLACK = 0.05
+
+
+class Waiter(Protocol):
+    """What waits in a list for a point of the playlist."""
+
+    def ready(self, stream: SpaceStream) -> None:
+        """The playlist now has the point (called once, on the event loop)."""
+
+    def expired(self) -> None:
+        """The bound passed first, or the stream ended without it (called once)."""
+
+
+class _Held:
+    """The waiters for one point, oldest first, each with its deadline (loop time), and the
+    list's one timer, armed for the oldest."""
+
+    __slots__ = ("timer", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: collections.deque[tuple[float, Waiter]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _FutureWaiter:
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self.future = future
+
+    def ready(self, stream: SpaceStream) -> None:
+        if not self.future.done():
+            self.future.set_result(True)
+
+    def expired(self) -> None:
+        if not self.future.done():
+            self.future.set_result(False)
 
 
 @dataclasses.dataclass
@@ -39,7 +89,7 @@ class SpaceStream:
         self.segment_bytes: dict[int, bytes] = {}
         self._building: _Building | None = None
         self._next_msn = 0
-        self._changed = asyncio.Event()
+        self._held: dict[tuple[int, int | None], _Held] = {}
         self._playlist: str | None = None
         self._discontinuity = False
         self._discontinuities_evicted = 0
@@ -95,8 +145,22 @@ class SpaceStream:
 
     def _announce(self) -> None:
         self._playlist = None
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._held:
+            self._release()
+
+    def _release(self) -> None:
+        """Wake every list whose point the playlist now has; once the stream has ended, tell
+        the others that their point will not come."""
+        for point in [p for p in self._held if self.ended or has_part(self.segments, *p)]:
+            held = self._held.pop(point)
+            if held.timer is not None:
+                held.timer.cancel()
+            ready = has_part(self.segments, *point)
+            for _, waiter in held.waiters:
+                if ready:
+                    waiter.ready(self)
+                else:
+                    waiter.expired()
 
     def _evict(self) -> None:
         while len(self.segments) > RETAIN_SEGMENTS:
@@ -117,18 +181,44 @@ class SpaceStream:
             )
         return self._playlist
 
-    async def wait_for(self, msn: int, part: int | None, within: float) -> bool:
-        """Until the playlist has segment ``msn`` (part ``part``), at most ``within`` s."""
+    def hold(self, msn: int, part: int | None, waiter: Waiter, within: float) -> None:
+        """Park ``waiter`` until the playlist has segment ``msn`` (part ``part``), at most
+        ``within`` s. The caller has checked that it does not have it yet."""
+        if self.ended:
+            waiter.expired()
+            return
         loop = asyncio.get_running_loop()
+        point = (msn, part)
+        held = self._held.get(point)
+        if held is None:
+            held = self._held[point] = _Held()
         deadline = loop.time() + within
-        while not has_part(self.segments, msn, part):
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self.ended:
-                return False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._changed.wait()
-        return True
+        held.waiters.append((deadline, waiter))
+        if held.timer is None:
+            held.timer = loop.call_at(deadline, self._expire, point)
+
+    def _expire(self, point: tuple[int, int | None]) -> None:
+        held = self._held.get(point)
+        if held is None:
+            return
+        held.timer = None
+        loop = asyncio.get_running_loop()
+        due = loop.time() + EXPIRY_SLACK
+        waiters = held.waiters
+        while waiters and waiters[0][0] <= due:
+            waiters.popleft()[1].expired()
+        if waiters:
+            held.timer = loop.call_at(waiters[0][0], self._expire, point)
+        else:
+            del self._held[point]
+
+    async def wait_for(self, msn: int, part: int | None, within: float) -> bool:
+        """Whether the playlist has segment ``msn`` (part ``part``) within ``within`` s."""
+        if has_part(self.segments, msn, part):
+            return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.hold(msn, part, _FutureWaiter(future), within)
+        return await future
 
 
 class Origin:

@@ -19,9 +19,11 @@ the path and ``_HLS_msn``/``_HLS_part`` only and checks the ticket itself (docs/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import weakref
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -184,9 +186,11 @@ async def media_object(
 # ticket, an object in memory, no Range, no conditional, nothing to hand over. Through FastAPI's
 # routing (every included router is tried in turn), dependency injection, validation and
 # response classes that case cost several times what the work does (BENCHMARKS.md, "Audience").
-# ``FastPath`` answers exactly that case in raw ASGI before routing, and passes everything else
-# on to the routes above: errors, Range, 304, blocking reloads that must wait or are invalid,
-# and the Set-Cookie hand-over keep a single implementation there.
+# ``hot_request`` decides whether a request is exactly that case and gives its answer, built once
+# per object and reused; two layers call it: the HTTP protocol itself (``control/fastproto.py``,
+# under a server started by ``townhall serve``) and, for any other ASGI server, ``FastPath`` in
+# raw ASGI before routing. Everything else goes on to the routes above: errors, Range, 304,
+# blocking reloads that are invalid, and the Set-Cookie hand-over keep a single implementation.
 
 _HLS_PATH = re.compile(r"/hls/([A-Za-z0-9]{1,16})/([A-Za-z0-9.]{1,64})")
 
@@ -203,28 +207,50 @@ _ROUTES = {
     "init_segment": _Template("/hls/{space_id}/init.mp4"),
     "media_object": _Template("/hls/{space_id}/{name}"),
 }
+_ROUTE_OF_NAME = {"live.m3u8": "live_playlist", "init.mp4": "init_segment"}
 
 
-class FastPath:
-    """ASGI middleware: the common case of a listener GET/HEAD under ``/hls/``, answered before
-    routing; every other request goes on to ``app`` untouched. Install it inside the metrics
-    middleware so that what it answers is counted under the same route templates."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole response, built once and served to every listener who asks for it: the status,
+    the route template it is counted under, the headers (ASGI form and as header lines, without
+    the server's own ``date``) and the body."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    status: int
+    route: _Template
+    headers: list[tuple[bytes, bytes]]
+    lines: bytes
+    body: bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/hls/"):
-            m = _HLS_PATH.fullmatch(scope["path"])
-            if m is not None:
-                name = m.group(2)
-                route = {"live.m3u8": "live_playlist", "init.mp4": "init_segment"}.get(name, "media_object")
-                scope["path_params"] = {"space_id": m.group(1), "name": name}
-                scope["route"] = _ROUTES[route]  # routing sets both again if this declines
-                if await _fast(route, scope, send):
-                    return
-        await self.app(scope, receive, send)
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hold:
+    """A blocking reload whose point the playlist does not have yet, within the bounds: wait
+    (``SpaceStream.hold``/``wait_for``, ``within`` s), then answer ``playlist_answer``."""
+
+    space_id: str
+    stream: SpaceStream
+    msn: int
+    part: int | None
+    within: float
+
+
+def _answer(status: int, route: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return Answer(status, _ROUTES[route], headers, lines, body)
+
+
+def error_answer(exc: ApiError, route: str) -> Answer:
+    """The one error model (``control/app.py``), for an error met on the fast path."""
+    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+    headers = [(b"content-type", b"application/json")]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(exc.retry_after).encode()))
+    return _answer(exc.status, route, headers, body)
+
+
+LATE = error_answer(NotYetAvailable("the requested part did not appear in time"), "live_playlist")
 
 _ID = re.compile(r"[A-Za-z0-9]{1,16}")
 _MP4 = MP4_TYPE.encode()
@@ -232,9 +258,56 @@ _M3U8 = PLAYLIST_TYPE.encode()
 _IMMUTABLE = IMMUTABLE.encode()
 _LIVE_CACHE = b"public, max-age=0, must-revalidate"
 _COOKIE = TICKET_COOKIE.encode()
-# The last playlist text of each stream, encoded once (SpaceStream renders a new str per change).
-_encoded: dict[str, tuple[str, bytes]] = {}
-_ENCODED_MAX = 4096
+_NO_FAST_HEADERS = frozenset((b"range", b"if-none-match", b"content-length", b"transfer-encoding", b"expect"))
+
+# Answers built, keyed by what they answer, each beside the object it was built from (held, so
+# that ``is`` is a sound test of "unchanged"): a media object's once, a playlist's once per
+# change. Spaces come and go: cleared when full (a few rebuilds after a clear are cheap).
+_built: dict[tuple[str, str], tuple[object, Answer]] = {}
+_BUILT_MAX = 8192
+
+
+def _built_for(key: tuple[str, str], source: object, build: Callable[[], Answer]) -> Answer:
+    last = _built.get(key)
+    if last is None or last[0] is not source:
+        if last is None and len(_built) >= _BUILT_MAX:
+            _built.clear()
+        last = _built[key] = (source, build())
+    return last[1]
+
+
+def playlist_answer(space_id: str, stream: SpaceStream, *, blocking: bool) -> Answer | None:
+    """The live playlist as it is now (None before the first part), with the cache lifetime of
+    a plain or a blocking request."""
+    text = stream.playlist()
+    if text is None:
+        return None
+    cache = f"public, max-age={6 * stream.spec.target_duration}".encode() if blocking else _LIVE_CACHE
+    return _built_for(
+        (space_id, "blocking" if blocking else "live.m3u8"),
+        text,
+        lambda: _answer(
+            200, "live_playlist", [(b"cache-control", cache), (b"content-type", _M3U8)], text.encode()
+        ),
+    )
+
+
+def _media_answer(space_id: str, name: str, data: bytes) -> Answer:
+    return _built_for(
+        (space_id, name),
+        data,
+        lambda: _answer(
+            200,
+            "init_segment" if name == "init.mp4" else "media_object",
+            [
+                (b"cache-control", _IMMUTABLE),
+                (b"etag", f'"{space_id}-{name.removesuffix(".mp4")}"'.encode()),
+                (b"accept-ranges", b"bytes"),
+                (b"content-type", _MP4),
+            ],
+            data,
+        ),
+    )
 
 
 # Tickets whose signature this process has checked: the HMAC and the JSON are done once per
@@ -260,16 +333,6 @@ def _admitted(node: Node, token: bytes, space_id: str) -> bool:
     return ticket.space_id == space_id and ticket.expires_at > now
 
 
-async def _error(send: Send, exc: ApiError) -> None:
-    """The one error model (``control/app.py``), for an error met on the fast path."""
-    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.retry_after is not None:
-        headers.append((b"retry-after", str(exc.retry_after).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 def _cookie(header: bytes) -> bytes | None:
     for chunk in header.split(b";"):
         name, _, value = chunk.strip().partition(b"=")
@@ -282,96 +345,109 @@ def _number(value: bytes, top: int) -> int | None:
     return int(value) if value.isdigit() and len(value) <= 10 and int(value) <= top else None
 
 
-async def _fast(route: str, scope: Scope, send: Send) -> bool:
-    """Answer the common case of a listener GET/HEAD; False (nothing sent) for anything else."""
-    if scope["method"] not in ("GET", "HEAD"):
-        return False
-    space_id = scope["path_params"].get("space_id", "")
-    if not _ID.fullmatch(space_id):
-        return False
+def hot_request(
+    node: Node, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]]
+) -> Answer | Hold | None:
+    """The common case of a listener GET/HEAD (``path`` decoded, ``headers`` with lower-case
+    names): its answer, or the wait of a blocking reload; None for anything else (the routes
+    answer it: errors, Range, conditionals, a body, the cookie hand-over)."""
+    if method not in ("GET", "HEAD"):
+        return None
+    m = _HLS_PATH.fullmatch(path)
+    if m is None:
+        return None
+    space_id, name = m.groups()
+    route = _ROUTE_OF_NAME.get(name, "media_object")
     cookie = None
-    for key, value in scope["headers"]:
+    for key, value in headers:
         if key == b"cookie":
             cookie = _cookie(value)
-        elif key in (b"range", b"if-none-match"):
-            return False
+        elif key in _NO_FAST_HEADERS:
+            return None
     query_ticket = None
     msn = part = None
-    if scope["query_string"]:
-        for pair in scope["query_string"].split(b"&"):
+    if query:
+        for pair in query.split(b"&"):
             key, _, value = pair.partition(b"=")
             if key == b"ticket" and b"%" not in value:
                 query_ticket = value
             elif key == b"_HLS_msn" and route == "live_playlist":
                 if (msn := _number(value, 10**9)) is None:
-                    return False
+                    return None
             elif key == b"_HLS_part" and route == "live_playlist":
                 if (part := _number(value, 999)) is None:
-                    return False
+                    return None
             else:
-                return False
+                return None
     token = query_ticket or cookie
     if not token or len(token) > 1024:
-        return False
-    node: Node = scope["app"].state.node
+        return None
     if not _admitted(node, token, space_id):
-        return False
+        return None
     stream = node.origin.streams.get(space_id)
     if stream is None:
-        return False
+        return None
     if route == "live_playlist":
         if query_ticket is not None and cookie != query_ticket:
-            return False  # the route hands the ticket over as a cookie
+            return None  # the route hands the ticket over as a cookie
         if msn is None:
-            if part is not None:
-                return False
-            cache = _LIVE_CACHE
-        else:
-            if not has_part(stream.segments, msn, part):
-                # A blocking reload held here (thousands at once near the live edge): the
-                # same rules and wait as the route, without its cost per waiting request.
-                try:
-                    check_blocking_request(stream.segments, msn, part, stream.segment_parts)
-                except BlockingRequestError:
-                    return False  # the route answers 400
-                if not await stream.wait_for(msn, part, 3 * stream.spec.target_duration):
-                    await _error(send, NotYetAvailable("the requested part did not appear in time"))
-                    return True
-            elif part is not None and part >= stream.segment_parts:
-                return False  # the route answers 400
-            cache = f"public, max-age={6 * stream.spec.target_duration}".encode()
-        text = stream.playlist()
-        if text is None:
-            return False
-        last = _encoded.get(space_id)
-        if last is None or last[0] is not text:
-            if last is None and len(_encoded) >= _ENCODED_MAX:
-                _encoded.clear()  # spaces come and go; a few re-encodes after a clear are cheap
-            last = _encoded[space_id] = (text, text.encode())
-        body, kind, headers = last[1], _M3U8, [(b"cache-control", cache)]
+            return None if part is not None else playlist_answer(space_id, stream, blocking=False)
+        if not has_part(stream.segments, msn, part):
+            try:
+                check_blocking_request(stream.segments, msn, part, stream.segment_parts)
+            except BlockingRequestError:
+                return None  # the route answers 400
+            # The route's bound: three target durations.
+            return Hold(space_id, stream, msn, part, 3 * stream.spec.target_duration)
+        if part is not None and part >= stream.segment_parts:
+            return None  # the route answers 400
+        return playlist_answer(space_id, stream, blocking=True)
+    if route == "init_segment":
+        data = stream.init
     else:
-        if route == "init_segment":
-            data, name = stream.init, "init"
-        else:
-            name = scope["path_params"].get("name", "")
-            m = MEDIA.fullmatch(name)
-            if m is None:
-                return False
-            msn = int(m.group(1))
-            data = (
-                stream.segment_bytes.get(msn)
-                if m.group(2) is None
-                else stream.part_bytes.get((msn, int(m.group(2))))
-            )
-        if data is None:
-            return False
-        body, kind = data, _MP4
-        headers = [
-            (b"cache-control", _IMMUTABLE),
-            (b"etag", f'"{space_id}-{name}"'.encode()),
-            (b"accept-ranges", b"bytes"),
-        ]
-    headers += [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-    return True
+        media = MEDIA.fullmatch(name)
+        if media is None:
+            return None
+        msn = int(media.group(1))
+        data = (
+            stream.segment_bytes.get(msn)
+            if media.group(2) is None
+            else stream.part_bytes.get((msn, int(media.group(2))))
+        )
+    return None if data is None else _media_answer(space_id, name, data)
+
+
+class FastPath:
+    """ASGI middleware: ``hot_request`` answered before routing; every other request goes on to
+    ``app`` untouched. Install it inside the metrics middleware so that what it answers is
+    counted under the same route templates."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/hls/"):
+            m = _HLS_PATH.fullmatch(scope["path"])
+            if m is not None:
+                # Routing sets both again if this declines.
+                scope["path_params"] = {"space_id": m.group(1), "name": m.group(2)}
+                scope["route"] = _ROUTES[_ROUTE_OF_NAME.get(m.group(2), "media_object")]
+                node: Node = scope["app"].state.node
+                found = hot_request(
+                    node, scope["method"], scope["path"], scope["query_string"], scope["headers"]
+                )
+                if isinstance(found, Hold):
+                    # Held here (thousands at once near the live edge): the route's rules and
+                    # bound, without its cost per waiting request.
+                    if await found.stream.wait_for(found.msn, found.part, found.within):
+                        found = playlist_answer(found.space_id, found.stream, blocking=True)
+                    else:
+                        found = LATE
+                if found is not None:
+                    await send(
+                        {"type": "http.response.start", "status": found.status, "headers": found.headers}
+                    )
+                    body = b"" if scope["method"] == "HEAD" else found.body
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)

@@ -1,0 +1,228 @@
+"""Listener requests answered in the HTTP protocol itself, below ASGI.
+
+Written against uvicorn 0.54's httptools protocol (pinned in ``constraints.txt``): it subclasses
+``HttpToolsProtocol`` and relies on its parser callbacks and attributes (``url``, ``headers``,
+``cycle``, ``pipeline``, ``flow``, ``server_state``, ``on_response_complete``). Check this module
+against uvicorn's source when the pin moves.
+
+Theory of operation. A listener's requests are nearly all the same few kinds: a part, a segment,
+the init segment or the live playlist, with a good ticket, the object in memory, nothing
+conditional. Through ASGI each costs a scope, a task, receive/send coroutines and a middleware
+stack: more than the answer (BENCHMARKS.md, "Audience"). So, once httptools has parsed a
+request's URL and headers, ``ListenerProtocol`` asks ``hls.hot_request`` (the one place that
+knows the rules: the ticket check, the name patterns, the blocking-request bounds) whether this is
+such a request:
+
+- an ``Answer``: its bytes were built once per object (``hls``); the status line and the server's
+  ``date`` line go in front, and the whole response is written to the transport at once (for the
+  common GET on a kept-alive connection, the same bytes object for every listener in the same
+  second). No scope, no task, no coroutine.
+- a ``Hold`` (a blocking reload for a part still to come): the connection is parked in the
+  stream's list for that point (``SpaceStream.hold``: one list and one timer per point, no
+  per-request task or timer); when the playlist gets the point, the answer is built once and
+  written to every waiting connection; past the bound, the route's 503.
+- anything else: the request goes to the ASGI app exactly as uvicorn would send it, so every
+  error and rare case keeps its one implementation in the routes.
+
+Connection rules kept: only a connection with nothing in flight is answered here (a request that
+arrives behind one in flight, pipelined, is queued for the ASGI app in order, as uvicorn does);
+keep-alive follows uvicorn (HTTP/1.0 or ``Connection: close`` → ``connection: close`` and the
+connection closed after the answer); a connection whose writes are paused (flow control) is not
+answered here, so the ASGI path's drain applies; a connection closed mid-hold is skipped when
+its list wakes. Requests answered here are counted in the app's metrics middleware under the
+same route templates and statuses.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from townhall.audience.origin import SpaceStream
+from townhall.control.app import MetricsMiddleware
+from townhall.control.node import Node
+from townhall.control.routes import hls
+
+
+class _InFlight:
+    """Stands for a held request where uvicorn looks for the cycle in flight, so that a request
+    pipelined behind it is queued (``HttpToolsProtocol.on_headers_complete``)."""
+
+    response_complete = False
+
+
+_IN_FLIGHT: Any = _InFlight()
+
+
+class _Metrics:
+    """The app's request counter and latency histogram (``MetricsMiddleware``), children cached."""
+
+    def __init__(self, layer: MetricsMiddleware | None) -> None:
+        self.layer = layer
+        self.counts: dict[tuple[str, str, int], Any] = {}
+        self.latency: dict[str, Any] = {}
+
+    def count(self, method: str, answer: hls.Answer, seconds: float) -> None:
+        if self.layer is None:
+            return
+        key = (method, answer.route.path, answer.status)
+        counter = self.counts.get(key)
+        if counter is None:
+            counter = self.counts[key] = self.layer.requests.labels(
+                method, answer.route.path, str(answer.status)
+            )
+        counter.inc()
+        histogram = self.latency.get(answer.route.path)
+        if histogram is None:
+            histogram = self.latency[answer.route.path] = self.layer.latency.labels(answer.route.path)
+        histogram.observe(seconds)
+
+
+def _metrics_layer(app: ASGIApp) -> MetricsMiddleware | None:
+    """The app's metrics middleware, found in its built middleware stack (Starlette builds it
+    at startup, before the first request)."""
+    layer: object = getattr(app, "middleware_stack", None)
+    while layer is not None:
+        if isinstance(layer, MetricsMiddleware):
+            return layer
+        layer = getattr(layer, "app", None)
+    return None
+
+
+class ListenerProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering hot listener requests itself (module docstring).
+    Made per app by ``listener_protocol``."""
+
+    node: ClassVar[Node]
+    asgi_app: ClassVar[ASGIApp]
+    _metrics: ClassVar[_Metrics | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hot = False  # the request being parsed is answered (or held) here
+        self._wire_date: object = None  # the date headers the cached line was built from
+        self._date_lines = b""
+        # The blocking reload held on this connection: its space, method, keep-alive and start.
+        self._held: tuple[str, str, bool, float] | None = None
+
+    @classmethod
+    def metrics(cls) -> _Metrics:
+        if cls._metrics is None:
+            cls._metrics = _Metrics(_metrics_layer(cls.asgi_app))
+        return cls._metrics
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        # The scope is built only for a request that goes to the ASGI app (``_to_asgi``).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self._hot = False
+
+    def on_headers_complete(self) -> None:
+        if not self._answer_here():
+            self._to_asgi()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._hot:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._hot:
+            super().on_message_complete()
+
+    # -- the ASGI way ----------------------------------------------------------------------------
+
+    def _to_asgi(self) -> None:
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()  # uvicorn's scope for this request
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
+        if self._held is None:
+            super().on_headers_complete()
+            return
+        previous, self.cycle = self.cycle, _IN_FLIGHT
+        super().on_headers_complete()  # queued behind the held request
+        if self.cycle is _IN_FLIGHT:
+            self.cycle = previous
+
+    # -- the hot way -----------------------------------------------------------------------------
+
+    def _answer_here(self) -> bool:
+        url = self.url
+        if not url.startswith(b"/hls/") or self._held is not None or self.pipeline:
+            return False
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.flow.write_paused:
+            return False
+        if self.limit_concurrency is not None or self.parser.should_upgrade():
+            return False
+        path, _, query = url.partition(b"?")
+        if b"%" in path or b"#" in query:
+            return False
+        start = time.perf_counter()
+        method = self.parser.get_method().decode("ascii")
+        found = hls.hot_request(self.node, method, path.decode("ascii", "replace"), query, self.headers)
+        if found is None:
+            return False
+        self._hot = True
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        if isinstance(found, hls.Hold):
+            self._held = (found.space_id, method, keep_alive, start)
+            found.stream.hold(found.msn, found.part, self, found.within)
+        else:
+            self._send(method, keep_alive, start, found)
+        return True
+
+    def _send(self, method: str, keep_alive: bool, start: float, answer: hls.Answer) -> None:
+        dates = self.server_state.default_headers
+        if dates is not self._wire_date:
+            self._wire_date = dates
+            self._date_lines = b"".join(name + b": " + value + b"\r\n" for name, value in dates)
+        body = b"" if method == "HEAD" else answer.body
+        ending = b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+        self.transport.write(
+            b"".join((STATUS_LINE[answer.status], self._date_lines, answer.lines, ending, body))
+        )
+        self.metrics().count(method, answer, time.perf_counter() - start)
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()  # uvicorn's: counts it, arms keep-alive, runs what queued
+
+    # -- a held blocking reload (``SpaceStream.hold``) -------------------------------------------
+
+    def ready(self, stream: SpaceStream) -> None:
+        held, self._held = self._held, None
+        if held is None or self.transport.is_closing():
+            return
+        space_id, method, keep_alive, start = held
+        answer = hls.playlist_answer(space_id, stream, blocking=True)  # built once for the list
+        self._send(method, keep_alive, start, answer if answer is not None else hls.LATE)
+
+    def expired(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self.transport.is_closing():
+            _, method, keep_alive, start = held
+            self._send(method, keep_alive, start, hls.LATE)
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._held = None  # its list skips it when it wakes
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        if self._held is not None:
+            self._held = None
+            self.transport.close()
+            return
+        super().shutdown()
+
+
+def listener_protocol(node: Node, app: ASGIApp) -> type[ListenerProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` serving ``app`` of ``node``."""
+    return type("NodeListenerProtocol", (ListenerProtocol,), {"node": node, "asgi_app": app})
