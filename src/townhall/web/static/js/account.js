@@ -1,18 +1,15 @@
-import { api, get, post } from "./api.js";
-import { $, el, fail, nav, params, postItem, show, spaceItem, toast } from "./ui.js";
+import { api, get } from "./api.js";
+import { $, composer, emptyItem, fail, nav, pagedList, params, postItem, show, spaceItem } from "./ui.js";
 
 const handle = params().handle;
-let cursor = null;
-
-async function posts(more = false) {
-  const query = `limit=20${more && cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`;
-  const page = await get(`/api/v1/accounts/${handle}/posts?${query}`);
-  const items = page.posts.map(postItem);
-  if (more) $("#posts").append(...items);
-  else $("#posts").replaceChildren(...(items.length ? items : [el("li", { class: "muted empty" }, "No posts yet.")]));
-  cursor = page.next_cursor;
-  show($("#more"), Boolean(cursor));
-}
+const posts = pagedList({
+  url: `/api/v1/accounts/${handle}/posts?limit=20`,
+  key: "posts",
+  list: $("#posts"),
+  more: $("#more"),
+  item: postItem,
+  empty: "No posts yet.",
+});
 
 async function profile() {
   const account = await get(`/api/v1/accounts/${handle}`);
@@ -37,7 +34,7 @@ async function main() {
   show($("#compose"), Boolean(mine));
   show($("#follow"), Boolean(viewer && !mine));
   get(`/api/v1/spaces?host=${encodeURIComponent(account.handle)}&limit=20`).then(({ spaces }) => {
-    $("#spaces").replaceChildren(...(spaces.length ? spaces.map(spaceItem) : [el("li", { class: "muted empty" }, "No spaces yet.")]));
+    $("#spaces").replaceChildren(...(spaces.length ? spaces.map(spaceItem) : [emptyItem("No spaces yet.")]));
   }).catch(fail);
   await posts();
 }
@@ -54,17 +51,6 @@ $("#follow").addEventListener("click", async (event) => {
     fail(err);
   }
 });
-$("#post-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  try {
-    await post("/api/v1/posts", { text: $("#post-text").value });
-    $("#post-text").value = "";
-    toast("Posted");
-    await posts();
-  } catch (err) {
-    fail(err);
-  }
-});
-$("#more").addEventListener("click", () => posts(true).catch(fail));
+composer(() => posts());
 
 main().catch(fail);

@@ -1,19 +1,15 @@
-import { get, post } from "./api.js";
-import { $, el, fail, nav, show, toast, when } from "./ui.js";
+import { post } from "./api.js";
+import { $, el, fail, nav, pagedList, show, toast, when } from "./ui.js";
 
-let cursor = null;
-
-async function audit(more = false) {
-  const page = await get(`/api/v1/admin/audit?limit=30${more && cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
-  const rows = page.entries.map((e) => el("tr", {},
+const audit = pagedList({
+  url: "/api/v1/admin/audit?limit=30",
+  key: "entries",
+  list: $("#audit tbody"),
+  more: $("#audit-more"),
+  item: (e) => el("tr", {},
     el("td", {}, when(e.at)), el("td", {}, e.actor ?? "(system)"), el("td", {}, e.action),
-    el("td", {}, e.target ? el("a", { href: `/@${e.target}` }, `@${e.target}`) : ""), el("td", {}, e.reason ?? "")));
-  const body = $("#audit tbody");
-  if (more) body.append(...rows);
-  else body.replaceChildren(...rows);
-  cursor = page.next_cursor;
-  show($("#audit-more"), Boolean(cursor));
-}
+    el("td", {}, e.target ? el("a", { href: `/@${e.target}` }, `@${e.target}`) : ""), el("td", {}, e.reason ?? "")),
+});
 
 async function main() {
   const account = await nav();
@@ -43,6 +39,5 @@ $("#mod-form").addEventListener("submit", async (event) => {
     $("#mod-error").textContent = err.message;
   }
 });
-$("#audit-more").addEventListener("click", () => audit(true).catch(fail));
 
 main().catch(fail);

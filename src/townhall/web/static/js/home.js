@@ -1,25 +1,24 @@
 import { get, post } from "./api.js";
-import { $, el, fail, nav, postItem, show, spaceItem, toast } from "./ui.js";
+import { $, composer, el, emptyItem, fail, nav, pagedList, postItem, show, spaceItem } from "./ui.js";
 
 async function spaces(state, list, empty) {
   try {
     const { spaces } = await get(`/api/v1/spaces?state=${state}&limit=20`);
-    list.replaceChildren(...(spaces.length ? spaces.map(spaceItem) : [el("li", { class: "muted empty" }, empty)]));
+    list.replaceChildren(...(spaces.length ? spaces.map(spaceItem) : [emptyItem(empty)]));
   } catch (err) {
     list.replaceChildren(el("li", { class: "error" }, err.message));
   }
   list.removeAttribute("aria-busy");
 }
 
-let cursor = null;
-async function feed(more = false) {
-  const page = await get(`/api/v1/feed?limit=20${more && cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
-  const items = page.posts.map(postItem);
-  if (more) $("#feed").append(...items);
-  else $("#feed").replaceChildren(...(items.length ? items : [el("li", { class: "muted empty" }, "Nothing yet: post something, or follow people.")]));
-  cursor = page.next_cursor;
-  show($("#feed-more"), Boolean(cursor));
-}
+const feed = pagedList({
+  url: "/api/v1/feed?limit=20",
+  key: "posts",
+  list: $("#feed"),
+  more: $("#feed-more"),
+  item: postItem,
+  empty: "Nothing yet: post something, or follow people.",
+});
 
 async function main() {
   const account = await nav();
@@ -49,17 +48,6 @@ $("#start-form").addEventListener("submit", async (event) => {
     button.disabled = false;
   }
 });
-$("#post-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  try {
-    await post("/api/v1/posts", { text: $("#post-text").value });
-    $("#post-text").value = "";
-    toast("Posted");
-    await feed();
-  } catch (err) {
-    fail(err);
-  }
-});
-$("#feed-more").addEventListener("click", () => feed(true).catch(fail));
+composer(() => feed());
 
 main().catch(fail);

@@ -1,5 +1,5 @@
 // Small DOM helpers shared by every page, and the top navigation.
-import { clearSession, del, me, session } from "./api.js";
+import { clearSession, del, get, me, post, session } from "./api.js";
 
 export const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -126,4 +126,44 @@ export function postItem(post) {
       el("p", { class: "post-head" }, el("a", { href: `/@${post.author}` }, `@${post.author}`),
         el("span", { class: "muted" }, ` · ${ago(post.created_at)}`)),
       ...body));
+}
+
+/** The muted line a list shows when it has nothing to list. */
+export function emptyItem(text) {
+  return el("li", { class: "muted empty" }, text);
+}
+
+/**
+ * A list filled a page at a time from a cursor-paged API (`{[key]: [...], next_cursor}`):
+ * `load()` puts the first page in `list`, the `more` button appends the next one and shows
+ * while there is one. `empty` (optional) is the line shown when the first page is empty.
+ */
+export function pagedList({ url, key, list, more, item, empty }) {
+  let cursor = null;
+  async function load(next = false) {
+    const after = next && cursor ? `${url.includes("?") ? "&" : "?"}cursor=${encodeURIComponent(cursor)}` : "";
+    const page = await get(url + after);
+    const items = page[key].map(item);
+    if (next) list.append(...items);
+    else list.replaceChildren(...(items.length || empty === undefined ? items : [emptyItem(empty)]));
+    cursor = page.next_cursor;
+    show(more, Boolean(cursor));
+  }
+  more.addEventListener("click", () => load(true).catch(fail));
+  return load;
+}
+
+/** The post composer (`#post-form`, `#post-text`): posts, clears the box, then `posted()`. */
+export function composer(posted) {
+  $("#post-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await post("/api/v1/posts", { text: $("#post-text").value });
+      $("#post-text").value = "";
+      toast("Posted");
+      await posted();
+    } catch (err) {
+      fail(err);
+    }
+  });
 }
