@@ -4,6 +4,7 @@ attack mode, in memory and on the machine's real Redis (two nodes sharing limits
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 import uuid
@@ -20,8 +21,10 @@ from tests.support import Api, RunningServer, assert_error, running_server
 from townhall.admission.client import AdmissionRefused, admit
 from townhall.admission.limiter import LimitsLimiter
 from townhall.admission.pow import solve
+from townhall.admission.shedding import Priority
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+NO_LIMIT = "1000000/minute"
 
 
 def live_space(server: RunningServer, host: str = "host") -> tuple[Api, str]:
@@ -243,6 +246,50 @@ def test_joins_are_limited_per_slash_24_across_its_addresses(tmp_path: Path) -> 
         assert from_address("127.0.1.2").status_code == 200  # the next /24 has its own
 
 
+def test_a_few_addresses_cannot_fill_the_waiting_room_ahead_of_others(
+    small: tuple[RunningServer, str],
+) -> None:
+    """Anonymous joins that would queue take at most ``queue_limit_per_address`` (10 a minute)
+    places per address; the 11th is refused before it draws a number, so the next joiner from
+    elsewhere is right behind the 10th. In attack mode the proof comes before any place."""
+    server, space_id = small
+
+    def from_address(address: str, token: str | None = None, **body: str) -> httpx.Response:
+        transport = httpx.HTTPTransport(local_address=address)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(base_url=server.url, transport=transport, timeout=30, headers=headers) as http:
+            return http.post(f"/api/v1/spaces/{space_id}/join", json=body or None)
+
+    attacker = "127.0.31.2"
+    assert from_address(attacker).status_code == 200  # the space's one admission of the burst
+    places = [from_address(attacker) for _ in range(10)]
+    assert [r.status_code for r in places] == [202] * 10
+    assert [r.json()["position"] for r in places] == list(range(1, 11))
+    refused = from_address(attacker)
+    assert_error(refused, 429, "rate_limited")
+    assert "waiting room" in refused.json()["error"]["message"] and int(refused.headers["retry-after"]) >= 1
+    counters = server.node.admission.store.counters[space_id]  # type: ignore[attr-defined]
+    assert counters.arrivals == 10, "the refused join drew no arrival number"
+    other = from_address("127.0.32.2")
+    assert other.status_code == 202 and other.json()["position"] == 11
+    # An account from the same address is limited per account, not by the address's places.
+    alice = server.client().user("alice").token
+    assert from_address(attacker, alice).json()["position"] == 12
+    # A waiter's return is not a new place: the attacker's own tokens still work.
+    back = from_address(attacker, queue_token=places[0].json()["queue_token"])
+    assert back.status_code == 202 and back.json()["position"] == 1
+    # Attack mode: no proof, no place (and no number drawn).
+    admin = server.client(server.create_admin())
+    assert admin.post("/api/v1/admin/attack-mode", json={"on": True}).json()["active"] is True
+    assert_error(from_address("127.0.33.2"), 403, "pow_required")
+    assert counters.arrivals == 12
+    ch = httpx.get(f"{server.url}/api/v1/pow/challenge").json()
+    solved = from_address(
+        "127.0.34.2", pow_challenge=ch["challenge"], pow_nonce=solve(ch["challenge"], ch["difficulty"])
+    )
+    assert solved.status_code == 202 and solved.json()["position"] == 13
+
+
 def test_a_join_storm_costs_the_database_one_read_a_second(tmp_path: Path) -> None:
     with running_server(config(tmp_path)) as server:
         _, space_id = live_space(server)
@@ -334,6 +381,56 @@ def test_an_overloaded_node_sheds_anonymous_joins_first_and_never_speakers_or_ho
         assert any('class="anonymous_join"' in line and not line.endswith(" 0.0") for line in shed), shed
         time.sleep(0.3)
         assert join(anon, space_id).status_code == 200  # the overload over, joins come back
+
+
+def test_under_a_real_flood_new_anonymous_joins_are_shed_first_and_pages_and_renewals_served(
+    tmp_path: Path,
+) -> None:
+    """wrk floods the node with anonymous joins from 64 connections (loopback, 5 s) at the
+    shipped 5 ms target, while a listener renews its ticket, a visitor reads the space's page
+    and a host calls the API: anonymous joins are the first and by far the most shed;
+    renewals, pages and host calls keep being served."""
+    unlimited = {"join_limit_per_address": NO_LIMIT, "join_limit_per_network": NO_LIMIT}
+    cfg = config(tmp_path, shed_target_ms=5.0, **unlimited)
+    with running_server(cfg) as server:
+        host, space_id = live_space(server)
+        listener = server.client()
+        ticket = join(listener, space_id).json()["ticket"]
+        script = tmp_path / "join.lua"
+        script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        flood = subprocess.Popen(
+            ["wrk", "-t1", "-c128", "-d5s", "-s", str(script), f"{server.url}/api/v1/spaces/{space_id}/join"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        probes: dict[str, list[int]] = {"renew": [], "page": [], "host": []}
+        shedder = server.node.admission.shedder
+        try:
+            time.sleep(1.0)  # the flood is on
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                r = listener.post(f"/api/v1/spaces/{space_id}/tickets/renew", json={"ticket": ticket})
+                probes["renew"].append(r.status_code)
+                if r.status_code == 200:
+                    ticket = r.json()["ticket"]
+                probes["page"].append(listener.get(f"/api/v1/spaces/{space_id}").status_code)
+                probes["host"].append(host.post(f"/api/v1/spaces/{space_id}/start").status_code)
+                time.sleep(0.02)
+        finally:
+            out, _ = flood.communicate(timeout=30)
+        assert "requests in" in out, out
+        by_class = dict(shedder.shed_by_class)
+        anonymous = by_class.get(Priority.ANONYMOUS_JOIN, 0)
+        assert anonymous >= 10, (by_class, out)  # the flood overloaded the node
+        others = sum(n for p, n in by_class.items() if p is not Priority.ANONYMOUS_JOIN)
+        assert others * 20 <= anonymous, by_class
+        first = shedder.first_shed_at
+        assert first[Priority.ANONYMOUS_JOIN] == min(first.values()), first
+        assert set(probes["host"]) == {409}, probes  # never shed: "already live"
+        for what in ("renew", "page"):
+            served = sum(1 for code in probes[what] if code == 200) / len(probes[what])
+            assert served >= 0.95, (what, probes[what], by_class)
 
 
 # -- attack mode ---------------------------------------------------------------------------------

@@ -73,6 +73,17 @@ def test_waiters_are_admitted_in_order_as_the_rate_frees_places_and_positions_on
     assert admitted_at[numbers[-1]] - T0 == pytest.approx(2.0, abs=0.15)
 
 
+def test_a_join_that_may_not_queue_is_told_full_and_draws_no_number() -> None:
+    c, k = wr.Counters(), cap(burst=1.0, rate=1.0)
+    assert wr.join(c, k, T0, T0 + 600, may_queue=False) == wr.Admit()  # room: admitted as ever
+    assert wr.join(c, k, T0, T0 + 600, may_queue=False) == wr.Full()
+    assert (c.arrivals, c.released) == (0, 0)  # no place taken, no rate token spent later
+    w = wr.join(c, k, T0, T0 + 600)
+    assert isinstance(w, wr.Wait) and (w.number, w.position) == (0, 1)
+    assert wr.join(c, k, T0 + 0.5, T0 + 600, may_queue=False) == wr.Full()  # someone waits
+    assert c.arrivals == 1
+
+
 def test_a_newcomer_does_not_overtake_the_queue() -> None:
     c, k = wr.Counters(), cap(burst=1.0)
     wr.join(c, k, T0, T0 + 600)
@@ -152,11 +163,15 @@ def test_the_redis_script_is_the_pure_arithmetic() -> None:
                 now += rng.choice([0.0, 0.05, 0.3, 1.0, 7.0])
                 roll = rng.random()
                 ok = rng.random() > 0.1
+                queue = rng.random() > 0.2  # a join that may not take a place unless it fits
                 if roll < 0.45:
-                    got = [await s.join("s", k, now, now + 60, elsewhere_ok=ok) for s in (memory, redis)]
+                    got = [
+                        await s.join("s", k, now, now + 60, elsewhere_ok=ok, may_queue=queue)
+                        for s in (memory, redis)
+                    ]
                     if isinstance(got[0], wr.Wait):
                         waiting.append(got[0].number)
-                    else:
+                    elif isinstance(got[0], wr.Admit):
                         tickets.append(now + 60)
                 elif roll < 0.8 and waiting:
                     n = rng.choice(waiting)
@@ -186,7 +201,14 @@ def test_the_redis_script_is_the_pure_arithmetic() -> None:
                 )
                 assert mine.tokens == pytest.approx(theirs.tokens, abs=1e-9), step
             # Every path was taken: admitted and queued joins, admitted, waiting and reused returns.
-            assert seen >= {"True-Admit", "True-Wait", "False-Admit", "False-Wait", "False-NoneType"}, seen
+            assert seen >= {
+                "True-Admit",
+                "True-Wait",
+                "True-Full",
+                "False-Admit",
+                "False-Wait",
+                "False-NoneType",
+            }, seen
         finally:
             await redis.close()
 
@@ -294,14 +316,28 @@ def test_attack_mode_turns_on_past_the_threshold_rises_with_load_and_falls_back(
         ("GET", "/hls/abc/live.m3u8", False, Priority.RENEWAL),
         ("POST", "/api/v1/spaces/abc/join", True, Priority.JOIN),
         ("POST", "/api/v1/spaces/abc/join", False, Priority.ANONYMOUS_JOIN),
-        ("POST", "/api/v1/spaces/abc/start", False, Priority.JOIN),  # no credentials: no host
-        ("GET", "/api/v1/spaces", False, Priority.JOIN),
+        ("GET", "/api/v1/pow/challenge", False, Priority.ANONYMOUS_JOIN),
+        ("POST", "/api/v1/spaces/abc/start", False, Priority.API),  # no credentials: no host
+        ("GET", "/api/v1/spaces", False, Priority.API),
+        ("GET", "/", False, Priority.API),  # pages
     ],
 )
 def test_requests_are_classified_without_a_body(
     method: str, path: str, auth: bool, expected: Priority
 ) -> None:
     assert classify(method, path, auth) is expected
+
+
+def _first_sheds(s: Shedder, delay: float, start: float, seconds: float) -> dict[Priority, float]:
+    """Every class asks every 5 ms under a standing ``delay``: when each was first shed."""
+    shed_at: dict[Priority, float] = {}
+    t = start
+    while t < start + seconds:
+        t += 0.005
+        for p in Priority:
+            if s.decide(p, delay, t) and p not in shed_at:
+                shed_at[p] = round(t - start, 6)
+    return shed_at
 
 
 def test_codel_sheds_nothing_below_target_and_by_priority_as_overload_lasts() -> None:
@@ -312,22 +348,33 @@ def test_codel_sheds_nothing_below_target_and_by_priority_as_overload_lasts() ->
         assert not s.decide(Priority.ANONYMOUS_JOIN, 0.004, now)
     # A short spike above target (less than an interval) sheds nothing.
     assert not s.decide(Priority.ANONYMOUS_JOIN, 0.050, now + 0.05)
-    # Standing delay: after one interval anonymous joins go, after two joins, three renewals.
-    start = now
-    shed_at: dict[Priority, float] = {}
-    t = start
-    while t < start + 0.5:
-        t += 0.005
-        for p in (Priority.ANONYMOUS_JOIN, Priority.JOIN, Priority.RENEWAL, Priority.NEVER):
-            if s.decide(p, 0.020, t) and p not in shed_at:
-                shed_at[p] = t - start
+    # A deep standing delay (every class's target passed): the classes go one interval apart.
+    assert not s.decide(Priority.ANONYMOUS_JOIN, 0.001, now + 0.06)
+    shed_at = _first_sheds(s, 0.200, now + 0.06, 0.6)
     assert Priority.NEVER not in shed_at
     assert 0.1 <= shed_at[Priority.ANONYMOUS_JOIN] < 0.2
     assert 0.2 <= shed_at[Priority.JOIN] < 0.3
-    assert 0.3 <= shed_at[Priority.RENEWAL] < 0.4
+    assert 0.3 <= shed_at[Priority.API] < 0.4
+    assert 0.4 <= shed_at[Priority.RENEWAL] < 0.5
     # One delay under target ends the overload at once.
-    assert not s.decide(Priority.ANONYMOUS_JOIN, 0.001, t + 0.001)
-    assert not s.decide(Priority.ANONYMOUS_JOIN, 0.020, t + 0.002)
+    t = now + 1
+    assert not s.decide(Priority.ANONYMOUS_JOIN, 0.001, t)
+    assert not s.decide(Priority.ANONYMOUS_JOIN, 0.020, t + 0.001)
+
+
+def test_a_busy_node_sheds_new_anonymous_joins_and_keeps_pages_and_renewals() -> None:
+    """A delay standing at 20 ms (four times the target: a busy node, not a collapsed one):
+    new joins are shed, anonymous first; pages, API calls and renewals are served however long
+    it lasts. At 60 ms the API goes too, renewals still served; past 100 ms, everything."""
+    s = Shedder(target=0.005, interval=0.1)
+    busy = _first_sheds(s, 0.020, T0, 2.0)
+    assert set(busy) == {Priority.ANONYMOUS_JOIN, Priority.JOIN}
+    assert busy[Priority.ANONYMOUS_JOIN] < busy[Priority.JOIN]
+    s = Shedder(target=0.005, interval=0.1)
+    assert set(_first_sheds(s, 0.060, T0, 2.0)) == {Priority.ANONYMOUS_JOIN, Priority.JOIN, Priority.API}
+    s = Shedder(target=0.005, interval=0.1)
+    assert set(_first_sheds(s, 0.150, T0, 2.0)) == set(Priority) - {Priority.NEVER}
+    assert s.first_shed_at[Priority.ANONYMOUS_JOIN] == min(s.first_shed_at.values())
 
 
 def test_networks_are_a_slash_24_or_a_slash_56() -> None:

@@ -303,6 +303,39 @@ def test_flood_leaves_legitimate_joiners_in_and_turns_the_attack_away(live: Live
     assert report["attack_timeline"]
 
 
+def test_a_flood_from_a_few_addresses_switches_attack_mode_on_by_itself(tmp_path: Path) -> None:
+    """No admin, the shipped threshold (50 refusals a second) and limits: four attacking
+    127.66.0.x addresses at 10x a legitimate storm's rate. Attack mode comes on within the
+    flood, legitimate joiners (who solve proofs when asked) all get in or hold a place, and
+    the attackers hold at most their addresses' places in the waiting room (10 a minute each)."""
+    settings = {k: v for k, v in LOW_CAPACITY.items() if k != "attack_threshold_per_second"}
+    cfg = generous_config("sqlite", tmp_path / "data", **settings)
+    assert cfg.attack_threshold_per_second == 50.0
+    with running_server(cfg) as server:
+        host = server.client().user("host")
+        space = host.post("/api/v1/spaces", json={"title": "Flood"}).json()["id"]
+        assert host.post(f"/api/v1/spaces/{space}/start").status_code == 200
+        token = host.post(f"/api/v1/spaces/{space}/speaker-token").json()["speaker_token"]
+        speaker = Speaker(f"{server.url}/whip/{space}", token, 440.0)
+        try:
+            args = ["--legit", "100", "--attack-factor", "10", "--seconds", "5", "--drain", "6"]
+            report = loadtest(Live(server, space, host), tmp_path, "flood", *args)
+        finally:
+            speaker.close()
+        admin = server.client(server.create_admin())
+        state = admin.get("/api/v1/admin/attack-mode").json()
+    mode = report["node_metrics"]["attack_mode"]
+    # Seen on while the flood lasts (give or take the half-second /metrics sampling and the
+    # answers still in flight when it stops).
+    assert mode["first_seen_at"] is not None and mode["first_seen_at"] < 5.0 + 2.0, (mode, report["attack"])
+    assert mode["max_pow_bits"] >= 8 and state["active"] is True, state
+    legit, attack = report["legit"], report["attack"]
+    assert legit["success_rate"] >= 0.99 and legit["server_errors"] == 0, legit["statuses"]
+    assert legit["honesty"]["honest"]
+    assert attack["answers"].get("limited", 0) > 0
+    assert attack["answers"].get("queued", 0) <= 4 * 10, attack
+
+
 def test_a_target_off_loopback_is_refused_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -113,6 +113,10 @@ class Config:
     renew_limit_per_address: str = "600/minute"
     renew_limit_per_network: str = "12000/minute"
     renew_limit_per_account: str = "120/minute"
+    # Places in a waiting room taken by anonymous joins, per address and per network: a few
+    # attacking addresses cannot fill the queue ahead of everyone else.
+    queue_limit_per_address: str = "10/minute"
+    queue_limit_per_network: str = "300/minute"
     # A space's state and block list are read at most this often per node by joins; a bearer
     # token is resolved at most this often per node by joins.
     admission_snapshot_seconds: float = 1.0
@@ -122,7 +126,7 @@ class Config:
     shed_interval_ms: float = 100.0
     # Attack mode: on when refused requests pass this rate (per second); proof-of-work
     # difficulty in leading zero bits (base, and the cap as the rate rises); challenge life.
-    attack_threshold_per_second: float = 200.0
+    attack_threshold_per_second: float = 50.0
     pow_base_bits: int = 14
     pow_max_bits: int = 22
     pow_challenge_ttl_seconds: int = 120

@@ -7,10 +7,16 @@
    ``snapshot_ttl`` and dropped at once when a local event changes the space: a join storm on
    one space costs the database one small read a second, not one per join.
 4. Capacity: the node's own caps (in memory: a node knows what it carries), then the space's
-   waiting room (``waiting_room`` arithmetic on a ``QueueStore``).
+   waiting room (``waiting_room`` arithmetic on a ``QueueStore``). An anonymous join that would
+   queue must first pass the stricter limits of places in the queue, per address and per
+   network: a few attacking addresses cannot fill the queue ahead of the people behind them
+   (the place is asked for only once the limits allow it, so a refused join draws no arrival
+   number and costs the queue nothing). In attack mode the proof (2.) comes before any place.
 5. A ticket: one HMAC. Nothing is written to the database.
 
-Every refusal on the way (429, a wrong proof) is counted towards attack mode.
+Every refusal that names a culprit (429 of a limit, a missing, wrong or reused proof) is counted
+towards attack mode; a shed 503 is not: shedding answers overload, whoever causes it (a
+legitimate storm too), and counting it would ask proofs of a storm's listeners.
 """
 
 from __future__ import annotations
@@ -206,16 +212,18 @@ class Admission:
 
     # -- refusals --------------------------------------------------------------------------------
 
-    def rejected(self, count: int = 1) -> None:
+    def rejected(self, count: int = 1, *, attack: bool = True) -> None:
+        """Count refusals; ``attack``: towards attack mode as well (see the module's note)."""
         self.refused += count
-        self.attack.rejected(self.clock(), count)
+        if attack:
+            self.attack.rejected(self.clock(), count)
 
-    async def _limit(self, rule: str, *key: str) -> None:
+    async def _limit(self, rule: str, *key: str, what: str = "joins") -> None:
         decision = await self.limiter.hit(rule, *key)
         if not decision.allowed:
             self.rejected()
             raise TooManyRequests(
-                f"too many joins from here; retry in {decision.retry_after} s",
+                f"too many {what} from here; retry in {decision.retry_after} s",
                 retry_after=decision.retry_after,
             )
 
@@ -231,6 +239,12 @@ class Admission:
         rules = self._rules(kind)
         await self._limit(rules[0], kind, "addr", address)
         await self._limit(rules[1], kind, "net", network_of(address))
+
+    async def limit_queue_place(self, address: str) -> None:
+        """Places in a waiting room taken by anonymous joins, per address and per network."""
+        c, what = self.config, "places in the waiting room"
+        await self._limit(c.queue_limit_per_address, "queue", "addr", address, what=what)
+        await self._limit(c.queue_limit_per_network, "queue", "net", network_of(address), what=what)
 
     async def limit_listener(self, kind: str, who: str) -> None:
         """Per account (``a<id>``) or per anonymous listener id."""
@@ -278,9 +292,12 @@ class Admission:
             raise Conflict("this space has not started", code="space_not_live")
         return snap
 
-    async def join(self, space_id: str, account: int | None, queue_token: str | None) -> Admitted | Queued:
+    async def join(
+        self, space_id: str, account: int | None, queue_token: str | None, address: str | None = None
+    ) -> Admitted | Queued:
         """After limits and proof: the snapshot, the block list, capacity, then a ticket or a
-        place in the queue."""
+        place in the queue (for an anonymous joiner from ``address``, within the limits of
+        places)."""
         snap = await self.live_space(space_id)
         if account is not None and account in snap.blocked:
             raise Forbidden("you are blocked from this space", code="blocked")
@@ -303,7 +320,9 @@ class Admission:
                 ) from None
             text = queue_token
         else:
-            decision = await self.store.join(space_id, self.space_cap, now, expires, elsewhere_ok=node_ok)
+            decision = await self._fresh(
+                space_id, now, expires, node_ok, address if account is None else None
+            )
             if isinstance(decision, wr.Wait):
                 text, queued = self.queue_tokens.issue(space_id, decision.number, now)
         if isinstance(decision, wr.Wait):
@@ -315,6 +334,23 @@ class Admission:
         listener = listener_id(account)
         token, ticket = self.tickets.issue(space_id, listener, now)
         return Admitted(token, ticket)
+
+    async def _fresh(
+        self, space_id: str, now: float, expires: float, node_ok: bool, limited: str | None
+    ) -> wr.Decision:
+        """A join without a queue token; one from the ``limited`` address (anonymous) takes a
+        place only within the limits of places: asked not to queue first, it draws a number
+        only once they allow it."""
+        cap = self.space_cap
+        decision = await self.store.join(
+            space_id, cap, now, expires, elsewhere_ok=node_ok, may_queue=not limited
+        )
+        if isinstance(decision, wr.Full):
+            assert limited is not None
+            await self.limit_queue_place(limited)
+            decision = await self.store.join(space_id, cap, now, expires, elsewhere_ok=node_ok)
+        assert not isinstance(decision, wr.Full)
+        return decision
 
     async def renew(self, space_id: str, token: str) -> Admitted:
         """A fresh ticket for a still valid one of the same space and listener: no database

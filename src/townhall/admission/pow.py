@@ -92,10 +92,14 @@ class PowBook:
 class AttackMode:
     """Turns itself on when rejected requests pass ``threshold`` per second (an exponentially
     weighted rate with time constant ``tau``) and off ``hold`` seconds after they fall back;
-    an admin can force it either way until ``forced_until``."""
+    an admin can force it either way until ``forced_until``.
 
-    threshold: float = 200.0
-    tau: float = 5.0
+    ``tau`` is short (2 s) so that a flood is seen while it lasts: with 5 s, a 10 s flood
+    refused at 240/s showed a rate still climbing through 200/s when it ended (the rate reaches
+    1 - e^(-t/tau) of the real one after t seconds)."""
+
+    threshold: float = 50.0
+    tau: float = 2.0
     hold: float = 60.0
     base_bits: int = 14
     max_bits: int = 22

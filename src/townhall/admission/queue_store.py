@@ -12,24 +12,41 @@ both on the same random sequence of operations and asserts the same decisions an
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+from typing import Any, Literal
 
 from townhall.admission import waiting_room as wr
 
 # Counters of a space nobody touched for this long are dropped (a space's life is hours).
 IDLE_SECONDS = 24 * 3600
 
+Op = Literal["join", "claim", "renew"]
+
 
 class AlreadyUsed(Exception):
     """This arrival number has already been admitted once."""
 
 
-class QueueStore(Protocol):
-    """A space's waiting room, each operation atomic (``waiting_room`` says what they do)."""
+class QueueStore(abc.ABC):
+    """A space's waiting room, each operation atomic (``waiting_room`` says what they do).
+
+    A store implements one primitive, ``_apply``, the shape the Redis script has: an operation
+    name and its arguments in, the decision out; the public operations below are the same for
+    every store."""
 
     async def join(
-        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
-    ) -> wr.Decision: ...
+        self,
+        space_id: str,
+        cap: wr.Capacity,
+        now: float,
+        expires_at: float,
+        *,
+        elsewhere_ok: bool,
+        may_queue: bool = True,
+    ) -> wr.JoinDecision:
+        decision = await self._apply("join", space_id, cap, now, expires_at, 0, elsewhere_ok, may_queue)
+        assert decision is not None
+        return decision
 
     async def claim(
         self,
@@ -42,55 +59,68 @@ class QueueStore(Protocol):
         elsewhere_ok: bool,
     ) -> wr.Decision:
         """``AlreadyUsed`` if ``number`` has been admitted before; marks it when admitting."""
-        ...
-
-    async def renew(
-        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
-    ) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class MemoryQueueStore:
-    def __init__(self) -> None:
-        self.counters: dict[str, wr.Counters] = {}
-        self.used: dict[str, bytearray] = {}
-
-    def _of(self, space_id: str) -> wr.Counters:
-        c = self.counters.get(space_id)
-        if c is None:
-            c = self.counters[space_id] = wr.Counters()
-        return c
-
-    async def join(
-        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
-    ) -> wr.Decision:
-        return wr.join(self._of(space_id), cap, now, expires_at, elsewhere_ok=elsewhere_ok)
-
-    async def claim(
-        self,
-        space_id: str,
-        cap: wr.Capacity,
-        number: int,
-        now: float,
-        expires_at: float,
-        *,
-        elsewhere_ok: bool,
-    ) -> wr.Decision:
-        bits = self.used.setdefault(space_id, bytearray())
-        if number < len(bits) * 8 and bits[number >> 3] & (1 << (number & 7)):
-            raise AlreadyUsed
-        decision = wr.claim(self._of(space_id), cap, number, now, expires_at, elsewhere_ok=elsewhere_ok)
-        if isinstance(decision, wr.Admit):
-            if number >= len(bits) * 8:
-                bits.extend(bytes((number >> 3) + 1 - len(bits)))
-            bits[number >> 3] |= 1 << (number & 7)
+        decision = await self._apply("claim", space_id, cap, now, expires_at, number, elsewhere_ok, True)
+        assert decision is not None and not isinstance(decision, wr.Full)
         return decision
 
     async def renew(
         self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
     ) -> None:
-        wr.renew(self._of(space_id), cap, old_expires_at, new_expires_at, now)
+        await self._apply("renew", space_id, cap, now, new_expires_at, old_expires_at, True, True)
+
+    @abc.abstractmethod
+    async def _apply(
+        self,
+        op: Op,
+        space_id: str,
+        cap: wr.Capacity,
+        now: float,
+        expires_at: float,
+        arg: float,
+        elsewhere_ok: bool,
+        may_queue: bool,
+    ) -> wr.JoinDecision | None:
+        """``arg``: the arrival number of a claim, the old expiry of a renewal. ``None`` for a
+        renewal (it decides nothing)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class MemoryQueueStore(QueueStore):
+    def __init__(self) -> None:
+        self.counters: dict[str, wr.Counters] = {}
+        self.used: dict[str, bytearray] = {}
+
+    async def _apply(
+        self,
+        op: Op,
+        space_id: str,
+        cap: wr.Capacity,
+        now: float,
+        expires_at: float,
+        arg: float,
+        elsewhere_ok: bool,
+        may_queue: bool,
+    ) -> wr.JoinDecision | None:
+        c = self.counters.get(space_id)
+        if c is None:
+            c = self.counters[space_id] = wr.Counters()
+        if op == "join":
+            return wr.join(c, cap, now, expires_at, elsewhere_ok=elsewhere_ok, may_queue=may_queue)
+        if op == "renew":
+            wr.renew(c, cap, arg, expires_at, now)
+            return None
+        number = int(arg)
+        bits = self.used.setdefault(space_id, bytearray())
+        if number < len(bits) * 8 and bits[number >> 3] & (1 << (number & 7)):
+            raise AlreadyUsed
+        decision = wr.claim(c, cap, number, now, expires_at, elsewhere_ok=elsewhere_ok)
+        if isinstance(decision, wr.Admit):
+            if number >= len(bits) * 8:
+                bits.extend(bytes((number >> 3) + 1 - len(bits)))
+            bits[number >> 3] |= 1 << (number & 7)
+        return decision
 
     async def close(self) -> None:
         self.counters.clear()
@@ -98,12 +128,14 @@ class MemoryQueueStore:
 
 
 # The arithmetic of waiting_room.refresh/join/claim/renew, field for field. Returns
-# {outcome, number, released}: outcome 1 admitted, 0 waiting, -1 number already used.
+# {outcome, number, released}: outcome 1 admitted, 0 waiting, 2 full (not queued), -1 number
+# already used.
 _SCRIPT = """
 local op = ARGV[1]
 local now, expires = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_active, rate, burst, bs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local arg, elsewhere_ok, idle, eps = tonumber(ARGV[8]), ARGV[9] == '1', tonumber(ARGV[10]), 1e-4
+local may_queue = ARGV[11] == '1'
 if op == 'claim' and redis.call('GETBIT', KEYS[2], arg) == 1 then return {-1, arg, 0} end
 local f = redis.call('HGETALL', KEYS[1])
 local a, r, k, t = 0, 0, 0, -1
@@ -135,7 +167,8 @@ local outcome, number = 0, -1
 if op == 'join' then
   if a == r and k + eps >= 1 and active < max_active and elsewhere_ok then
     k = k - 1; count(expires); outcome = 1
-  else number = a; a = a + 1 end
+  elseif may_queue then number = a; a = a + 1
+  else outcome = 2 end
 elseif op == 'claim' then
   number = arg
   if number >= a then a = number + 1 end
@@ -155,7 +188,7 @@ return {outcome, number, r}
 """
 
 
-class RedisQueueStore:
+class RedisQueueStore(QueueStore):
     """The waiting room on Redis, shared by every node of a fleet (one Lua call per operation)."""
 
     def __init__(self, url: str, prefix: str = "townhall:wr:") -> None:
@@ -165,44 +198,31 @@ class RedisQueueStore:
         self.prefix = prefix
         self._script: Any = self.redis.register_script(_SCRIPT)
 
-    async def _run(
-        self, op: str, space_id: str, cap: wr.Capacity, now: float, expires: float, arg: float, ok: bool
-    ) -> tuple[int, int, int]:
-        key = self.prefix + space_id
-        args = [op, repr(now), repr(expires), cap.max_active, repr(cap.rate), repr(cap.burst)]
-        args += [repr(cap.bucket_seconds), repr(arg), "1" if ok else "0", IDLE_SECONDS]
-        outcome, number, released = await self._script(keys=[key, key + ":used"], args=args)
-        return int(outcome), int(number), int(released)
-
-    def _decision(self, cap: wr.Capacity, outcome: int, number: int, released: int) -> wr.Decision:
-        if outcome == 1:
-            return wr.Admit()
-        return wr.waiting(wr.Counters(released=released), cap, number)
-
-    async def join(
-        self, space_id: str, cap: wr.Capacity, now: float, expires_at: float, *, elsewhere_ok: bool
-    ) -> wr.Decision:
-        return self._decision(cap, *await self._run("join", space_id, cap, now, expires_at, 0, elsewhere_ok))
-
-    async def claim(
+    async def _apply(
         self,
+        op: Op,
         space_id: str,
         cap: wr.Capacity,
-        number: int,
         now: float,
         expires_at: float,
-        *,
+        arg: float,
         elsewhere_ok: bool,
-    ) -> wr.Decision:
-        outcome, n, released = await self._run("claim", space_id, cap, now, expires_at, number, elsewhere_ok)
+        may_queue: bool,
+    ) -> wr.JoinDecision | None:
+        key = self.prefix + space_id
+        args = [op, repr(now), repr(expires_at), cap.max_active, repr(cap.rate), repr(cap.burst)]
+        args += [repr(cap.bucket_seconds), repr(arg), "1" if elsewhere_ok else "0", IDLE_SECONDS]
+        args += ["1" if may_queue else "0"]
+        outcome, number, released = (int(x) for x in await self._script(keys=[key, key + ":used"], args=args))
+        if op == "renew":
+            return None
         if outcome == -1:
             raise AlreadyUsed
-        return self._decision(cap, outcome, n, released)
-
-    async def renew(
-        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
-    ) -> None:
-        await self._run("renew", space_id, cap, now, new_expires_at, old_expires_at, True)
+        if outcome == 1:
+            return wr.Admit()
+        if outcome == 2:
+            return wr.Full()
+        return wr.waiting(wr.Counters(released=released), cap, number)
 
     async def counters(self, space_id: str) -> wr.Counters:
         """The space's counters as stored (for tests and inspection)."""

@@ -101,7 +101,15 @@ class Wait:
     retry_after: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Full:
+    """No room now, and the caller asked not to queue (``join(..., may_queue=False)``): nothing
+    was counted and no arrival number drawn, so the caller may check whether this joiner may
+    take a place in the queue before asking again."""
+
+
 Decision = Admit | Wait
+JoinDecision = Admit | Wait | Full
 
 
 def _bucket(cap: Capacity, expires_at: float) -> int:
@@ -143,13 +151,24 @@ def waiting(c: Counters, cap: Capacity, number: int) -> Wait:
     return Wait(number, position, round(wait, 3), max(1, min(cap.max_retry_after, math.ceil(wait))))
 
 
-def join(c: Counters, cap: Capacity, now: float, expires_at: float, *, elsewhere_ok: bool = True) -> Decision:
+def join(
+    c: Counters,
+    cap: Capacity,
+    now: float,
+    expires_at: float,
+    *,
+    elsewhere_ok: bool = True,
+    may_queue: bool = True,
+) -> JoinDecision:
     """A join without a queue token. ``elsewhere_ok`` is the node's own verdict (its caps): a
-    join the node cannot carry queues like any other."""
+    join the node cannot carry queues like any other. With ``may_queue`` false a join that
+    would queue is answered ``Full`` and leaves the counters as they were (but refreshed)."""
     if has_room(c, cap, now) and elsewhere_ok:
         c.tokens -= 1
         count_ticket(c, cap, expires_at)
         return Admit()
+    if not may_queue:
+        return Full()
     number = c.arrivals
     c.arrivals += 1
     return waiting(c, cap, number)

@@ -44,7 +44,7 @@ class SheddingMiddleware:
         if not self.admission.shedder.decide(priority, now - start, now):
             await self.app(scope, receive, send)
             return
-        self.admission.rejected()
+        self.admission.rejected(attack=False)  # overload, not abuse (``admission.gate``)
         body = b'{"error":{"code":"overloaded","message":"the node is overloaded; retry later"}}'
         await send(
             {

@@ -128,7 +128,7 @@ async def _join(request: Request, node: Node, space_id: str, body: JoinBody) -> 
         await gate.limit_listener("renew" if returning else "join", f"a{account}")
     elif not returning:
         await gate.check_pow(body.pow_challenge, body.pow_nonce)
-    done = await gate.join(space_id, account, body.queue_token)
+    done = await gate.join(space_id, account, body.queue_token, address)
     if isinstance(done, Admitted):
         return _admitted(request, node, space_id, done)
     out = QueuedOut(
