@@ -498,6 +498,17 @@ class Run:
             return 1
         return max(1, min(self.common.sources or min(n, MAX_SOURCES), MAX_SOURCES * 250))
 
+    async def run_to_report(
+        self, body: Coroutine[Any, Any, None], hard_stop: float, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``drive`` the body, then the report's head: the scenario and its ``params``, the
+        machine, the generator's CPU, how long it took and whether it finished by itself."""
+        finished = await self.drive(body, hard_stop)
+        report = self.header(params)
+        report["elapsed"] = round(self.clock() - self.start, 3)
+        report["finished_by_itself"] = finished
+        return report
+
     def header(self, params: Mapping[str, Any]) -> dict[str, Any]:
         load = os.getloadavg()
         elapsed = max(1e-9, self.clock() - self.start)
@@ -533,6 +544,14 @@ class Run:
         plot.draw(png_path, f"townhall loadtest {self.scenario}", series, self.lateness)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         return report
+
+
+async def _in_run(run: Run, scenario: Callable[[Run], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """A scenario's report; the run's clients and proof workers closed whatever happens."""
+    try:
+        return await scenario(run)
+    finally:
+        await run.close()
 
 
 async def _register(run: Run, count: int, deadline: float) -> list[str]:
@@ -631,6 +650,27 @@ async def _storm(
     await run.start_on(schedule, launch)
 
 
+async def _storm_setup(
+    run: Run, n: int, accounts: int, *, warm: bool = False
+) -> tuple[list[str], JoinLedger, float]:
+    """What join-storm and flood do before their clock starts: check the numbers and the
+    space, register the accounts; then the run begins. The accounts' tokens, the ledger of
+    legitimate joins and the deadline of the last return."""
+    c = run.common
+    _check_numbers(n, c.seconds)
+    await run.check_space()
+    tokens = await _register(run, min(accounts, n), run.clock() + 120) if accounts else []
+    if warm:
+        await run.solver.warm()  # attack mode will ask legitimate joiners for proofs
+    run.begin(c.seconds + c.drain)
+    return tokens, JoinLedger(run.start, run.bucket()), run.start + c.seconds + c.drain
+
+
+def _storm_params(run: Run, n: int, accounts: int) -> dict[str, Any]:
+    c = run.common
+    return {"seconds": c.seconds, "drain": c.drain, "accounts": accounts, "sources": run.legit_pool(n)}
+
+
 def _storm_fields(ledger: JoinLedger) -> Callable[[], Mapping[str, object]]:
     def fields() -> Mapping[str, object]:
         o = Counter(r.outcome for r in ledger.records)
@@ -648,39 +688,20 @@ def _storm_fields(ledger: JoinLedger) -> Callable[[], Mapping[str, object]]:
 async def join_storm(plan: StormPlan, clock: Clock = time.time) -> dict[str, Any]:
     """``n`` distinct joins spread over ``seconds``; queued joiners come back with their token
     after ``Retry-After`` until admitted or ``drain`` seconds after the last start."""
-    run = Run("join-storm", plan.common, clock)
-    try:
-        return await _join_storm(run, plan)
-    finally:
-        await run.close()
+    return await _in_run(Run("join-storm", plan.common, clock), lambda run: _join_storm(run, plan))
 
 
 async def _join_storm(run: Run, plan: StormPlan) -> dict[str, Any]:
     c = plan.common
-    _check_numbers(plan.n, c.seconds)
-    await run.check_space()
-    tokens = await _register(run, min(plan.accounts, plan.n), run.clock() + 120) if plan.accounts else []
-    run.begin(c.seconds + c.drain)
-    ledger = JoinLedger(run.start, run.bucket())
+    tokens, ledger, deadline = await _storm_setup(run, plan.n, plan.accounts)
     run.fields = _storm_fields(ledger)
-    deadline = run.start + c.seconds + c.drain
 
     async def body() -> None:
         await _storm(run, ledger, plan.n, tokens, deadline, run.solver)
         await run.wait_spawned()
 
-    finished = await run.drive(body(), deadline + c.timeout + 1)
-    report = run.header(
-        {
-            "n": plan.n,
-            "seconds": c.seconds,
-            "drain": c.drain,
-            "accounts": plan.accounts,
-            "sources": run.legit_pool(plan.n),
-        }
-    )
-    report["elapsed"] = round(run.clock() - run.start, 3)
-    report["finished_by_itself"] = finished
+    params = {"n": plan.n, **_storm_params(run, plan.n, plan.accounts)}
+    report = await run.run_to_report(body(), deadline + c.timeout + 1, params)
     report.update(_join_figures(ledger, plan.n))
     report["timeline"] = ledger.rows(run.clock())
     return run.write(report, plot.join_series(ledger.rows(run.clock())))
@@ -690,29 +711,19 @@ async def flood(plan: FloodPlan, clock: Clock = time.time) -> dict[str, Any]:
     """A legitimate storm (``legit`` joins over ``seconds``, solving proofs of work when asked)
     beside attackers at ``attack_factor`` times its rate from ``attack_sources`` addresses,
     who never solve anything and ignore ``Retry-After``."""
-    run = Run("flood", plan.common, clock)
-    try:
-        return await _flood(run, plan)
-    finally:
-        await run.close()
+    return await _in_run(Run("flood", plan.common, clock), lambda run: _flood(run, plan))
 
 
 async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
     c = plan.common
-    _check_numbers(plan.legit, c.seconds)
     if not 0 <= plan.attack_factor <= 100 or not 1 <= plan.attack_sources <= 1000:
         raise LoadtestError("--attack-factor must be in [0, 100] and --attack-sources 1..1000")
-    await run.check_space()
-    tokens = await _register(run, min(plan.accounts, plan.legit), run.clock() + 120) if plan.accounts else []
-    await run.solver.warm()  # attack mode will ask legitimate joiners for proofs
-    run.begin(c.seconds + c.drain)
-    ledger = JoinLedger(run.start, run.bucket())
+    tokens, ledger, deadline = await _storm_setup(run, plan.legit, plan.accounts, warm=True)
     attack = Timeline(run.start, run.bucket())
     attack_counts: Counter[str] = Counter()
     attack_latencies: list[float] = []
     attack_errors: Counter[str] = Counter()
     attack_n = round(plan.legit * plan.attack_factor)
-    deadline = run.start + c.seconds + c.drain
     inflight = asyncio.Semaphore(plan.attack_inflight)
     url = f"{run.base}/api/v1/spaces/{c.space}/join"
 
@@ -766,21 +777,14 @@ async def _flood(run: Run, plan: FloodPlan) -> dict[str, Any]:
         await asyncio.gather(_storm(run, ledger, plan.legit, tokens, deadline, run.solver), attack_all())
         await run.wait_spawned()
 
-    finished = await run.drive(body(), deadline + c.timeout + 1)
-    report = run.header(
-        {
-            "legit": plan.legit,
-            "attack_factor": plan.attack_factor,
-            "attack_sources": [attack_address(i) for i in range(plan.attack_sources)],
-            "attack_inflight": plan.attack_inflight,
-            "seconds": c.seconds,
-            "drain": c.drain,
-            "accounts": plan.accounts,
-            "sources": run.legit_pool(plan.legit),
-        }
-    )
-    report["elapsed"] = round(run.clock() - run.start, 3)
-    report["finished_by_itself"] = finished
+    params = {
+        "legit": plan.legit,
+        "attack_factor": plan.attack_factor,
+        "attack_sources": [attack_address(i) for i in range(plan.attack_sources)],
+        "attack_inflight": plan.attack_inflight,
+        **_storm_params(run, plan.legit, plan.accounts),
+    }
+    report = await run.run_to_report(body(), deadline + c.timeout + 1, params)
     legit = _join_figures(ledger, plan.legit)
     outcomes = legit["outcomes"]
     legit["success_rate"] = round((outcomes["admitted"] + outcomes["queued"]) / max(1, plan.legit), 4)
@@ -813,11 +817,7 @@ async def listeners(plan: ListenersPlan, clock: Clock = time.time) -> dict[str, 
     playlist with blocking reloads and fetches every part, for ``seconds`` from the first join.
     Part latency is the arrival of a part's last byte minus its wall-clock start
     (``audience.listener``)."""
-    run = Run("listeners", plan.common, clock)
-    try:
-        return await _listeners(run, plan)
-    finally:
-        await run.close()
+    return await _in_run(Run("listeners", plan.common, clock), lambda run: _listeners(run, plan))
 
 
 async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
@@ -894,10 +894,8 @@ async def _listeners(run: Run, plan: ListenersPlan) -> dict[str, Any]:
         await run.start_on(schedule, listener)
         await run.wait_spawned()
 
-    finished = await run.drive(body(), end + c.timeout + 2)
-    report = run.header({"n": plan.n, "seconds": c.seconds, "ramp": ramp, "sources": pool})
-    report["elapsed"] = round(run.clock() - run.start, 3)
-    report["finished_by_itself"] = finished
+    params = {"n": plan.n, "seconds": c.seconds, "ramp": ramp, "sources": pool}
+    report = await run.run_to_report(body(), end + c.timeout + 2, params)
     report["joins"] = {
         "outcomes": ledger.outcomes(),
         "statuses": ledger.statuses(),
