@@ -426,6 +426,61 @@ def summary(samples: Sequence[float]) -> dict[str, Any]:
 # -- 3. held blocking reloads ------------------------------------------------------------------
 
 
+class _HeldConnection(asyncio.Protocol):
+    """One listener's connection, as a plain protocol (the client must cost far less than the
+    server it measures: no stream reader, no task): asks for the load's current target, notes
+    when the answer's first bytes arrive, asks again at once."""
+
+    def __init__(self, load: HeldLoad) -> None:
+        self.load = load
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.target: tuple[int, int] | None = None
+        self.first_byte = 0.0
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        self.open = True
+
+    def ask(self) -> None:
+        load = self.load
+        if self.transport is None or load.target is None or time.time() >= load.deadline:
+            self.close()
+            return
+        self.target = load.target
+        self.transport.write(load.request(self.target))
+        load.held += 1
+
+    def data_received(self, data: bytes) -> None:
+        if not self.buffer:
+            self.first_byte = time.time()
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].lower()
+        at = head.find(b"content-length:")
+        length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        self.buffer = self.buffer[end + 4 + length :]
+        self.load.held -= 1
+        assert self.target is not None
+        self.load.answers.append((self.target, self.first_byte, int(head[9:12])))
+        self.ask()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.open and self.target is not None and time.time() < self.load.deadline:
+            self.load.failures += 1
+        self.open = False
+
+    def close(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.close()
+
+
 class HeldLoad:
     """``count`` listeners each holding a blocking reload open, renewed as each is answered."""
 
@@ -469,35 +524,16 @@ class HeldLoad:
                     await asyncio.sleep(0.1)
                     r = await c.get(self.base + self.path)
 
-    async def listener(self, gate: asyncio.Semaphore, go: asyncio.Event) -> None:
+    async def listener(self, gate: asyncio.Semaphore) -> _HeldConnection | None:
+        loop = asyncio.get_running_loop()
         try:
             async with gate:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _HeldConnection(self), self.host, self.port)
         except OSError:
             self.failures += 1
-            return
+            return None
         self.connected += 1
-        await go.wait()  # every connection first, then every request at once
-        try:
-            while time.time() < self.deadline and self.target is not None:
-                target = self.target
-                writer.write(self.request(target))
-                self.held += 1
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = next(
-                        int(line.split(b":", 1)[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    )
-                    await reader.readexactly(length)
-                finally:
-                    self.held -= 1
-                self.answers.append((target, time.time(), int(head[9:12])))
-        except (OSError, asyncio.IncompleteReadError, StopIteration):
-            self.failures += 1
-        finally:
-            writer.close()
+        return conn
 
     def sample(self, start: float, main_pid: int, rss_main: Callable[[], int]) -> dict[str, float]:
         return {
@@ -528,23 +564,33 @@ class HeldLoad:
         follower = asyncio.create_task(self.follow(self.deadline))
         while self.target is None:  # noqa: ASYNC110 - the follower's first playlist, polled
             await asyncio.sleep(0.05)
-        gate, go = asyncio.Semaphore(256), asyncio.Event()
-        tasks = [asyncio.create_task(self.listener(gate, go)) for _ in range(self.count)]
+        gate = asyncio.Semaphore(256)
+        tasks = [asyncio.create_task(self.listener(gate)) for _ in range(self.count)]
         connect_by = time.time() + 60
         while self.connected + self.failures < self.count and time.time() < connect_by:
             samples.append(self.sample(start, main_pid, rss_main))
             await asyncio.sleep(0.25)
         connect_s = time.time() - start
+        conns = [
+            c for c in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(c, _HeldConnection)
+        ]
+        connected_rss = []
+        for _ in range(4):
+            connected_rss.append(rss_main())
+            await asyncio.sleep(0.25)
         cpu0, t0 = server.cpu_seconds(), time.monotonic()
         self.deadline = time.time() + self.seconds
-        go.set()
-        while time.time() < self.deadline + 6 and not all(t.done() for t in tasks):
+        for conn in conns:  # every connection first, then every request at once
+            conn.ask()
+        while time.time() < self.deadline + 6 and any(c.open for c in conns):
             samples.append(self.sample(start, main_pid, rss_main))
             await asyncio.sleep(0.25)
         cpu1, t1 = server.cpu_seconds(), time.monotonic()
-        for t in [*tasks, follower]:
-            t.cancel()
-        await asyncio.gather(*tasks, follower, return_exceptions=True)
+        for conn in conns:
+            conn.close()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        base_connected = statistics.median(connected_rss)
         base_session = statistics.median(b[0] for b in baseline)
         base_main = statistics.median(b[1] for b in baseline)
         peak = max(samples, key=lambda x: (x["held"], x["rss_session"]))
@@ -565,7 +611,12 @@ class HeldLoad:
             "rss_at_most_held_session_mib": round(peak["rss_session"] / 2**20, 1),
             "rss_at_most_held_main_mib": round(peak["rss_main"] / 2**20, 1),
             "rss_max_session_mib": round(max(x["rss_session"] for x in samples) / 2**20, 1),
+            "rss_connected_main_mib": round(base_connected / 2**20, 1),
+            "kib_per_connection": round((base_connected - base_main) / 1024 / max(1, self.connected), 2),
             "kib_per_held_request": round((peak["rss_main"] - base_main) / 1024 / max(1, peak["held"]), 2),
+            "kib_per_held_request_on_top": round(
+                (peak["rss_main"] - base_connected) / 1024 / max(1, peak["held"]), 2
+            ),
             "answers": statuses,
             "answered_after_part_could_exist_s": summary(late),
             "server_cores": round((cpu1 - cpu0) / (t1 - t0), 3),

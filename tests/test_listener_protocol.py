@@ -150,8 +150,9 @@ def test_errors_still_come_from_the_routes(live: Cast) -> None:
 
 
 def test_keep_alive_pipelining_and_http_1_0(live: Cast) -> None:
-    """Pipelined requests, answered here or by the app, come back in order on one connection;
-    HTTP/1.0 and ``Connection: close`` get ``connection: close`` and the connection ends."""
+    """Pipelined requests, answered here or by the app, come back in order on one connection,
+    which is closed once idle for uvicorn's keep-alive timeout (5 s); HTTP/1.0 and
+    ``Connection: close`` get ``connection: close`` and the connection ends."""
     j = Joined(live)
     part = j.playlist.parts[-1].uri
     with j.connect() as sock:
@@ -166,6 +167,12 @@ def test_keep_alive_pipelining_and_http_1_0(live: Cast) -> None:
         assert [r.status_code for r, _ in answers] == [200] * 20
         kinds = [headers_of(r)[b"content-type"] for r, _ in answers]
         assert kinds == [b"audio/mp4", b"audio/mp4", b"application/vnd.apple.mpegurl", b"audio/mp4"] * 5
+        time.sleep(3)
+        sock.sendall(j.request(part))  # still open after 3 s; this answer restarts the wait
+        assert read_answers(sock, 1)[0][0].status_code == 200
+        idle = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server once idle long enough
+        assert 4.5 < time.monotonic() - idle < 8
     for request in (j.request(part, version="1.0"), j.request(part, Connection="close")):
         with j.connect() as sock:
             sock.sendall(request)

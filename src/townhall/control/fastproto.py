@@ -35,6 +35,7 @@ same route templates and statuses.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, ClassVar
 
@@ -107,6 +108,10 @@ class ListenerProtocol(HttpToolsProtocol):
         self._date_lines = b""
         # The blocking reload held on this connection: its space, method, keep-alive and start.
         self._held: tuple[str, str, bool, float] | None = None
+        # Keep-alive after an answer given here: one timer that checks when the connection
+        # last went idle, not a timer armed and cancelled per request (uvicorn's way).
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def metrics(cls) -> _Metrics:
@@ -115,6 +120,10 @@ class ListenerProtocol(HttpToolsProtocol):
         return cls._metrics
 
     # -- parser callbacks ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._idle_since = None
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         # The scope is built only for a request that goes to the ASGI app (``_to_asgi``).
@@ -191,7 +200,24 @@ class ListenerProtocol(HttpToolsProtocol):
         self.metrics().count(method, answer, time.perf_counter() - start)
         if not keep_alive:
             self.transport.close()
-        self.on_response_complete()  # uvicorn's: counts it, arms keep-alive, runs what queued
+        if self.pipeline or self.transport.is_closing():
+            self.on_response_complete()  # uvicorn's: counts it, runs what queued behind
+            return
+        self.server_state.total_requests += 1
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """uvicorn's keep-alive rule: a connection idle for ``timeout_keep_alive`` s is closed."""
+        self._idle_timer = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy (a request arrived since); whoever answers it re-arms
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+        else:
+            self.transport.close()
 
     # -- a held blocking reload (``SpaceStream.hold``) -------------------------------------------
 
@@ -213,6 +239,9 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._held = None  # its list skips it when it wakes
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
