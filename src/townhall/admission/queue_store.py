@@ -13,6 +13,7 @@ both on the same random sequence of operations and asserts the same decisions an
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Literal
 
 from townhall.admission import waiting_room as wr
@@ -27,12 +28,27 @@ class AlreadyUsed(Exception):
     """This arrival number has already been admitted once."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One operation on a space's counters, as the Redis script takes it. ``arg``: the arrival
+    number of a claim, the old expiry of a renewal."""
+
+    op: Op
+    space_id: str
+    cap: wr.Capacity
+    now: float
+    expires_at: float
+    arg: float = 0
+    elsewhere_ok: bool = True
+    may_queue: bool = True
+
+
 class QueueStore(abc.ABC):
     """A space's waiting room, each operation atomic (``waiting_room`` says what they do).
 
-    A store implements one primitive, ``_apply``, the shape the Redis script has: an operation
-    name and its arguments in, the decision out; the public operations below are the same for
-    every store."""
+    A store implements one primitive, ``_apply``, the shape the Redis script has: a ``Step`` in,
+    the decision out (``None`` for a renewal, which decides nothing); the public operations
+    below are the same for every store."""
 
     async def join(
         self,
@@ -44,7 +60,9 @@ class QueueStore(abc.ABC):
         elsewhere_ok: bool,
         may_queue: bool = True,
     ) -> wr.JoinDecision:
-        decision = await self._apply("join", space_id, cap, now, expires_at, 0, elsewhere_ok, may_queue)
+        decision = await self._apply(
+            Step("join", space_id, cap, now, expires_at, elsewhere_ok=elsewhere_ok, may_queue=may_queue)
+        )
         assert decision is not None
         return decision
 
@@ -59,29 +77,17 @@ class QueueStore(abc.ABC):
         elsewhere_ok: bool,
     ) -> wr.Decision:
         """``AlreadyUsed`` if ``number`` has been admitted before; marks it when admitting."""
-        decision = await self._apply("claim", space_id, cap, now, expires_at, number, elsewhere_ok, True)
+        decision = await self._apply(Step("claim", space_id, cap, now, expires_at, number, elsewhere_ok))
         assert decision is not None and not isinstance(decision, wr.Full)
         return decision
 
     async def renew(
         self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
     ) -> None:
-        await self._apply("renew", space_id, cap, now, new_expires_at, old_expires_at, True, True)
+        await self._apply(Step("renew", space_id, cap, now, new_expires_at, old_expires_at))
 
     @abc.abstractmethod
-    async def _apply(
-        self,
-        op: Op,
-        space_id: str,
-        cap: wr.Capacity,
-        now: float,
-        expires_at: float,
-        arg: float,
-        elsewhere_ok: bool,
-        may_queue: bool,
-    ) -> wr.JoinDecision | None:
-        """``arg``: the arrival number of a claim, the old expiry of a renewal. ``None`` for a
-        renewal (it decides nothing)."""
+    async def _apply(self, step: Step) -> wr.JoinDecision | None: ...
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -92,30 +98,21 @@ class MemoryQueueStore(QueueStore):
         self.counters: dict[str, wr.Counters] = {}
         self.used: dict[str, bytearray] = {}
 
-    async def _apply(
-        self,
-        op: Op,
-        space_id: str,
-        cap: wr.Capacity,
-        now: float,
-        expires_at: float,
-        arg: float,
-        elsewhere_ok: bool,
-        may_queue: bool,
-    ) -> wr.JoinDecision | None:
-        c = self.counters.get(space_id)
+    async def _apply(self, step: Step) -> wr.JoinDecision | None:
+        c = self.counters.get(step.space_id)
         if c is None:
-            c = self.counters[space_id] = wr.Counters()
-        if op == "join":
-            return wr.join(c, cap, now, expires_at, elsewhere_ok=elsewhere_ok, may_queue=may_queue)
-        if op == "renew":
-            wr.renew(c, cap, arg, expires_at, now)
+            c = self.counters[step.space_id] = wr.Counters()
+        cap, now, expires_at, ok = step.cap, step.now, step.expires_at, step.elsewhere_ok
+        if step.op == "join":
+            return wr.join(c, cap, now, expires_at, elsewhere_ok=ok, may_queue=step.may_queue)
+        if step.op == "renew":
+            wr.renew(c, cap, step.arg, expires_at, now)
             return None
-        number = int(arg)
-        bits = self.used.setdefault(space_id, bytearray())
+        number = int(step.arg)
+        bits = self.used.setdefault(step.space_id, bytearray())
         if number < len(bits) * 8 and bits[number >> 3] & (1 << (number & 7)):
             raise AlreadyUsed
-        decision = wr.claim(c, cap, number, now, expires_at, elsewhere_ok=elsewhere_ok)
+        decision = wr.claim(c, cap, number, now, expires_at, elsewhere_ok=ok)
         if isinstance(decision, wr.Admit):
             if number >= len(bits) * 8:
                 bits.extend(bytes((number >> 3) + 1 - len(bits)))
@@ -198,23 +195,13 @@ class RedisQueueStore(QueueStore):
         self.prefix = prefix
         self._script: Any = self.redis.register_script(_SCRIPT)
 
-    async def _apply(
-        self,
-        op: Op,
-        space_id: str,
-        cap: wr.Capacity,
-        now: float,
-        expires_at: float,
-        arg: float,
-        elsewhere_ok: bool,
-        may_queue: bool,
-    ) -> wr.JoinDecision | None:
-        key = self.prefix + space_id
-        args = [op, repr(now), repr(expires_at), cap.max_active, repr(cap.rate), repr(cap.burst)]
-        args += [repr(cap.bucket_seconds), repr(arg), "1" if elsewhere_ok else "0", IDLE_SECONDS]
-        args += ["1" if may_queue else "0"]
+    async def _apply(self, step: Step) -> wr.JoinDecision | None:
+        key, cap = self.prefix + step.space_id, step.cap
+        args = [step.op, repr(step.now), repr(step.expires_at), cap.max_active, repr(cap.rate)]
+        args += [repr(cap.burst), repr(cap.bucket_seconds), repr(step.arg)]
+        args += ["1" if step.elsewhere_ok else "0", IDLE_SECONDS, "1" if step.may_queue else "0"]
         outcome, number, released = (int(x) for x in await self._script(keys=[key, key + ":used"], args=args))
-        if op == "renew":
+        if step.op == "renew":
             return None
         if outcome == -1:
             raise AlreadyUsed
