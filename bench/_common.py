@@ -6,6 +6,7 @@ every process started is stopped (its whole process group) when its ``with`` blo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -72,6 +73,15 @@ class Comparison:
     @property
     def ratio(self) -> float:
         return self.townhall.rps / self.peer.rps if self.peer.rps else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        """The row a results file stores: both sides and the ratio (None without a peer rate)."""
+        return {
+            "case": self.case,
+            "townhall": dataclasses.asdict(self.townhall),
+            "peer": dataclasses.asdict(self.peer),
+            "ratio": round(self.ratio, 5) if self.peer.rps else None,
+        }
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -184,9 +194,11 @@ def write_lua(directory: Path, name: str, method: str = "GET", body: str | None 
     return path
 
 
-def run_wrk(
-    name: str, url: str, script: Path, settings: WrkSettings, duration_s: int | None = None
-) -> Measurement:
+def wrk_summary(
+    url: str, script: Path, settings: WrkSettings, duration_s: int | None = None
+) -> dict[str, Any]:
+    """Run wrk with ``script`` and return the JSON of each ``BENCH_<NAME> {...}`` line it
+    printed, by name: ``JSON`` (``WRK_DONE_LUA``'s summary) and any a script adds."""
     duration = settings.duration_s if duration_s is None else duration_s
     cmd = [
         "wrk",
@@ -203,11 +215,18 @@ def run_wrk(
     )
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if line is None:
+    lines = {
+        name.removeprefix("BENCH_"): json.loads(rest)
+        for name, _, rest in (ln.partition(" ") for ln in out.stdout.splitlines())
+        if name.startswith("BENCH_")
+    }
+    if "JSON" not in lines:
         raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
-    ok = raw["requests"] - raw["status"]
+    return lines
+
+
+def measurement_of(name: str, raw: dict[str, Any], ok: int, settings: str) -> Measurement:
+    """A ``Measurement`` from wrk's summary (``raw``), its rate counted from ``ok`` answers."""
     return Measurement(
         name=name,
         rps=ok / (raw["duration_us"] / 1e6),
@@ -217,8 +236,17 @@ def run_wrk(
         non_2xx=raw["status"],
         socket_errors=raw["connect"] + raw["read"] + raw["write"],
         timeouts=raw["timeout"],
-        settings=f"wrk {settings.describe().replace(f'-d{settings.duration_s}s', f'-d{duration}s')}",
+        settings=settings,
     )
+
+
+def run_wrk(
+    name: str, url: str, script: Path, settings: WrkSettings, duration_s: int | None = None
+) -> Measurement:
+    duration = settings.duration_s if duration_s is None else duration_s
+    raw = wrk_summary(url, script, settings, duration)["JSON"]
+    described = settings.describe().replace(f"-d{settings.duration_s}s", f"-d{duration}s")
+    return measurement_of(name, raw, raw["requests"] - raw["status"], f"wrk {described}")
 
 
 # -- nginx -------------------------------------------------------------------------------------
@@ -395,6 +423,20 @@ def wait_quiet(limit_s: float, busy_share: float = 0.15, quiet_samples: int = 3)
     return time.monotonic() - start
 
 
+def machine_facts(*tools: str) -> dict[str, Any]:
+    """What every results file says of the machine: cores, CPU, platform, Python, and the
+    version line of each peer tool named (``wrk``, ``nginx``)."""
+    facts: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for tool in tools:
+        facts[tool] = tool_version([find_tool(tool) or tool, "-v"])
+    return facts
+
+
 def memory_gib() -> float:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -424,3 +466,92 @@ def fmt_ratio(ratio: float) -> str:
 
 def errors_of(m: dict[str, Any]) -> int:
     return int(m["non_2xx"] + m["socket_errors"] + m["timeouts"])
+
+
+def comparison_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown rows of ``Comparison.as_json`` results: both sides' absolute figures, the
+    ratio, and failed requests."""
+    lines = [
+        "| case | townhall req/s | p50 ms | p99 ms | peer | peer req/s | peer p50 ms | peer p99 ms "
+        "| ratio | failed (townhall / peer) |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        t, p = r["townhall"], r["peer"]
+        ratio = fmt_ratio(r["ratio"]) if r["ratio"] is not None else "n/a"
+        lines.append(
+            f"| {r['case']} | {fmt_rate(t['rps'])} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
+            f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
+            f"| {ratio} | {errors_of(t)} / {errors_of(p)} |"
+        )
+    return lines
+
+
+def shown(path: Path) -> str:
+    """``path`` as a report prints it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pair(ax: Any, names: Sequence[str], townhall: dict[str, Any], peer: dict[str, Any]) -> None:
+    """Townhall's and its peer's rates as two bars on ``ax``, each labelled with its rate, p50
+    and p99 (``Measurement`` fields)."""
+    bars = ax.bar(list(names), [townhall["rps"], peer["rps"]], color=["#3b6ea8", "#9aa5b1"], width=0.6)
+    for bar, m in zip(bars, (townhall, peer), strict=True):
+        ax.annotate(
+            f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    ax.set_ylim(0, max(townhall["rps"], peer["rps"]) * 1.35)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def add_wrk_options(
+    parser: argparse.ArgumentParser, *, duration: int, warmup: int, connections: int, reads: str = ""
+) -> None:
+    """The options every wrk-driven benchmark takes, with its defaults; ``reads`` names what
+    the ``--connections`` are for in the help."""
+    parser.add_argument(
+        "--duration", type=int, default=duration, help=f"seconds per measured wrk run (default {duration})"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=warmup, help=f"uncounted warm-up seconds per run (default {warmup})"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=connections,
+        help=f"wrk connections{' for ' + reads if reads else ''} (default {connections})",
+    )
+    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
+    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+
+
+def tools_missing(bench: str, *tools: str) -> bool:
+    """Say on stderr how to install the ``tools`` not found; True when any is missing."""
+    missing = [tool for tool in tools if find_tool(tool) is None]
+    if missing:
+        print(
+            f"{bench}: {' and '.join(missing)} not found; install with:\n"
+            f"    apt-get update && apt-get install -y {' '.join(missing)}",
+            file=sys.stderr,
+        )
+    return bool(missing)

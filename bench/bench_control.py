@@ -49,11 +49,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -65,21 +63,21 @@ from typing import Any
 
 import argon2
 from _common import (
-    HOST,  # noqa: F401 - re-exported for bench_replay.py
-    REPO,
-    RESULTS,
     Comparison,
     Measurement,
     WrkSettings,
-    cpu_model,
+    add_wrk_options,
+    comparison_table,
     errors_of,
-    find_tool,
-    fmt_rate,
     fmt_ratio,
     http,
+    machine_facts,
     nginx_serving,
+    plot_pair,
+    pyplot,
     run_wrk,
-    tool_version,
+    shown,
+    tools_missing,
     write_lua,
 )
 from _common import townhall_server as serve_townhall
@@ -204,12 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python bench/bench_control.py", *sys.argv[1:]]),
         "machine": {
-            "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "wrk": tool_version(["wrk", "-v"]),
-            "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
+            **machine_facts("wrk", "nginx"),
             "argon2_cffi": argon2_version(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
@@ -223,15 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "argon2_parameters": argon2_parameters(),
             "server_env": LIMIT_ENV,
         },
-        "results": [
-            {
-                "case": c.case,
-                "townhall": dataclasses.asdict(c.townhall),
-                "peer": dataclasses.asdict(c.peer),
-                "ratio": round(c.ratio, 5),
-            }
-            for c in comparisons
-        ],
+        "results": [c.as_json() for c in comparisons],
     }
 
 
@@ -256,45 +241,16 @@ def argon2_version() -> str:
 
 def table(result: dict[str, Any]) -> str:
     """A Markdown table: absolute figures of both sides, the ratio, and failed requests."""
-    rows = [
-        "| case | townhall req/s | p50 ms | p99 ms | peer | peer req/s | peer p50 ms | peer p99 ms "
-        "| ratio | failed (townhall / peer) |",
-        "|" + "---|" * 10,
-    ]
-    for r in result["results"]:
-        t, p = r["townhall"], r["peer"]
-        rows.append(
-            f"| {r['case']} | {fmt_rate(t['rps'])} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
-            f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
-            f"| {fmt_ratio(r['ratio'])} | {errors_of(t)} / {errors_of(p)} |"
-        )
-    return "\n".join(rows)
+    return "\n".join(comparison_table(result["results"]))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     results = result["results"]
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.6), layout="constrained")
     for ax, r in zip(axes, results, strict=True):
         t, p = r["townhall"], r["peer"]
-        names = ["townhall", p["name"].split(" GET ")[0].replace(" (raw)", "\n(raw)")]
-        rates = [t["rps"], p["rps"]]
-        bars = ax.bar(names, rates, color=["#3b6ea8", "#9aa5b1"], width=0.6)
-        for bar, m in zip(bars, (t, p), strict=True):
-            ax.annotate(
-                f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                xytext=(0, 2),
-                textcoords="offset points",
-            )
-        ax.set_ylim(0, max(rates) * 1.35)
+        plot_pair(ax, ["townhall", p["name"].split(" GET ")[0].replace(" (raw)", "\n(raw)")], t, p)
         ax.set_title(f"{r['case']}\nratio {fmt_ratio(r['ratio'])}", fontsize=10)
         ax.set_ylabel("requests/s" if "GET" in r["case"] else "logins or verifies/s")
         ax.grid(axis="y", alpha=0.3)
@@ -311,28 +267,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="uncounted warm-up seconds per run (default 2)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections for reads (default 64)")
+    add_wrk_options(parser, duration=10, warmup=2, connections=64, reads="reads")
     parser.add_argument(
         "--login-connections", type=int, default=8, help="wrk connections for logins (default 8)"
     )
-    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
-    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("wrk", "nginx") if find_tool(tool) is None]
-    if missing:
-        print(
-            f"bench_control: {' and '.join(missing)} not found; install with:\n"
-            "    apt-get update && apt-get install -y wrk nginx",
-            file=sys.stderr,
-        )
+    if tools_missing("bench_control", "wrk", "nginx"):
         return 2
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,8 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(result))
     failed = sum(errors_of(r["townhall"]) + errors_of(r["peer"]) for r in result["results"])
     print(f"\nfailed = wrk's status >= 400 + socket errors + timeouts; in all measured runs: {failed}")
-    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
-    print(f"wrote {png_path.relative_to(REPO) if png_path.is_relative_to(REPO) else png_path}")
+    print(f"wrote {shown(json_path)}\nwrote {shown(png_path)}")
     if failed:
         print("bench_control: some requests failed; the rates above count successes only", file=sys.stderr)
         return 1

@@ -52,7 +52,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,15 +63,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_control import HOST, REPO, RESULTS, cpu_model, townhall_server
+from _common import REPO, RESULTS, machine_facts, pyplot
+from bench_control import townhall_server
 
 sys.path.insert(0, str(REPO))  # the tests' real-packager helper
 
 from tests.recording_support import Packaged, package_tone
 from townhall.audience.packager import PartReady
 from townhall.storage.media_store import LocalMediaStore, PartRecord
-
-del HOST
 
 
 def packaged_tone(seconds: float, cache: Path | None) -> Packaged:
@@ -251,12 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = [("1 minute", 60.0), ("3 hours", 3 * 3600.0)]
     result: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_facts(),
         "settings": {
             "runs": args.runs,
             "hold_s": args.hold,
@@ -336,11 +329,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = []
     playlist = []

@@ -77,11 +77,9 @@ import datetime as dt
 import http.client
 import json
 import os
-import platform
 import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -94,27 +92,31 @@ from urllib.parse import urlsplit
 
 from _common import (
     HOST,
-    REPO,
-    RESULTS,
     WRK_DONE_LUA,
+    Comparison,
     Measurement,
     WrkSettings,
+    add_wrk_options,
     busy_cpu_s,
-    cpu_model,
-    errors_of,
-    find_tool,
+    comparison_table,
     fmt_rate,
     fmt_ratio,
     git_state,
     lua_long_string,
+    machine_facts,
+    measurement_of,
     memory_gib,
     nginx_serving,
     own_cpu_s,
+    plot_pair,
+    pyplot,
     run_wrk,
-    tool_version,
+    shown,
+    tools_missing,
     townhall_server,
     wait_quiet,
     write_lua,
+    wrk_summary,
 )
 
 from townhall.security.tokens import new_token, token_digest
@@ -530,42 +532,13 @@ def write_reaction_lua(directory: Path, tokens: list[str], threads: int) -> Path
 def run_wrk_statuses(
     name: str, url: str, script: Path, settings: WrkSettings
 ) -> tuple[Measurement, dict[str, int]]:
-    """Like ``run_wrk``, also returning the Lua script's count of answers by status."""
-    cmd = [
-        "wrk",
-        f"-t{settings.threads}",
-        f"-c{settings.connections}",
-        f"-d{settings.duration_s}s",
-        f"--timeout={settings.timeout_s}s",
-        "-s",
-        str(script),
-        url,
-    ]
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=settings.duration_s + settings.timeout_s + 30,
-        check=False,
-    )
-    lines = {
-        ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if ln.startswith("BENCH_")
-    }
-    if out.returncode != 0 or "BENCH_JSON" not in lines or "BENCH_STATUS" not in lines:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    raw, statuses = json.loads(lines["BENCH_JSON"]), json.loads(lines["BENCH_STATUS"])
-    measurement = Measurement(
-        name=name,
-        rps=statuses["202"] / (raw["duration_us"] / 1e6),
-        p50_ms=raw["p50_us"] / 1e3,
-        p99_ms=raw["p99_us"] / 1e3,
-        completed=raw["requests"],
-        non_2xx=raw["status"],
-        socket_errors=raw["connect"] + raw["read"] + raw["write"],
-        timeouts=raw["timeout"],
-        settings=f"wrk {settings.describe()}",
-    )
-    return measurement, statuses
+    """Like ``run_wrk``, also returning the Lua script's count of answers by status; the rate
+    counts 202s only."""
+    lines = wrk_summary(url, script, settings)
+    if "STATUS" not in lines:
+        raise RuntimeError(f"wrk printed no status counts: {lines}")
+    raw, statuses = lines["JSON"], lines["STATUS"]
+    return measurement_of(name, raw, statuses["202"], f"wrk {settings.describe()}"), statuses
 
 
 def settle(base: str, key: tuple[str, str, str], quiet_s: float = 1.5, limit_s: float = 30.0) -> None:
@@ -763,14 +736,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join([".venv/bin/python bench/bench_spaces.py", *sys.argv[1:]]),
         "git": git,
         "machine": {
-            "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(),
+            **machine_facts("wrk", "nginx"),
             "memory_gib": memory_gib(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version,
-            "wrk": tool_version(["wrk", "-v"]),
-            "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "other_cpu_s": round(other_cpu, 1),
@@ -797,13 +765,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "fanout": fan,
         "state_document": {
-            "case": f"GET /api/v1/spaces/{{id}}/state ({len(state_body)} B)",
+            **Comparison(
+                f"GET /api/v1/spaces/{{id}}/state ({len(state_body)} B)", state_townhall, state_nginx
+            ).as_json(),
             "bytes": len(state_body),
             "cache_control": state_headers.get("Cache-Control"),
             "etag": state_headers.get("ETag"),
-            "townhall": dataclasses.asdict(state_townhall),
-            "peer": dataclasses.asdict(state_nginx),
-            "ratio": round(state_townhall.rps / state_nginx.rps, 5) if state_nginx.rps else None,
         },
         "reactions": reactions,
         "reaction_checks": {
@@ -833,16 +800,9 @@ def tables(result: dict[str, Any]) -> str:
             f"| {r['case']} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
             f"| {r['ratio_p50']:.2f} | {r['ratio_p99']:.2f} |"
         )
-    sd = result["state_document"]
-    t, p = sd["townhall"], sd["peer"]
     rows += [
         "",
-        "| case | townhall req/s | p50 ms | p99 ms | peer | peer req/s | peer p50 ms | peer p99 ms "
-        "| ratio | failed (townhall / peer) |",
-        "|" + "---|" * 10,
-        f"| {sd['case']} | {fmt_rate(t['rps'])} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
-        f"| {p['name']} | {fmt_rate(p['rps'])} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
-        f"| {fmt_ratio(sd['ratio'])} | {errors_of(t)} / {errors_of(p)} |",
+        *comparison_table([result["state_document"]]),
         "",
         "| load | accepted/s (server) | wrk 202/s | 429 | other failed | in flight at wrk stop "
         "| broadcasts/s | most in 1 s | seconds sent twice | sum of counts / accepted |",
@@ -873,11 +833,7 @@ def tables(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18.5, 5.4), layout="constrained", width_ratios=[1.5, 0.8, 1.7])
     f = result["settings"]["followers"]
 
@@ -926,21 +882,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     # Live-state document against nginx.
     ax = axes[1]
     sd = result["state_document"]
-    t, p = sd["townhall"], sd["peer"]
-    bars = ax.bar(
-        ["townhall", "nginx\n(same bytes)"], [t["rps"], p["rps"]], color=["#3b6ea8", "#9aa5b1"], width=0.6
-    )
-    for bar, m in zip(bars, (t, p), strict=True):
-        ax.annotate(
-            f"{fmt_rate(m['rps'])}/s\np50 {m['p50_ms']:.1f} ms\np99 {m['p99_ms']:.1f} ms",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
-    ax.set_ylim(0, max(t["rps"], p["rps"]) * 1.35)
+    plot_pair(ax, ["townhall", "nginx\n(same bytes)"], sd["townhall"], sd["peer"])
     ax.set_ylabel("requests/s")
     ax.set_title(
         f"2. {sd['case']}\nwrk {result['settings']['wrk_reads']}; ratio {fmt_ratio(sd['ratio'])}", fontsize=10
@@ -1005,14 +947,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sample-warmup", type=int, default=5, help="uncounted fan-out calls first (default 5)"
     )
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="uncounted warm-up seconds per wrk run (default 2)"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument(
-        "--connections", type=int, default=64, help="wrk connections for state reads (default 64)"
-    )
+    add_wrk_options(parser, duration=10, warmup=2, connections=64, reads="state reads")
     parser.add_argument(
         "--reaction-connections", type=int, default=1000, help="wrk connections reacting (default 1000)"
     )
@@ -1022,9 +957,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--light-duration", type=int, default=5, help="seconds of the lighter load (default 5)"
     )
-    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
-    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: N or auto (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     parser.add_argument(
         "--wait-quiet", type=int, default=0, help="first wait up to N s for the machine's CPU to be idle"
     )
@@ -1036,13 +968,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("wrk", "nginx") if find_tool(tool) is None]
-    if missing:
-        print(
-            f"bench_spaces: {' and '.join(missing)} not found; install with:\n"
-            "    apt-get update && apt-get install -y wrk nginx",
-            file=sys.stderr,
-        )
+    if tools_missing("bench_spaces", "wrk", "nginx"):
         return 2
     t0 = time.monotonic()
     result = run(args)
@@ -1086,8 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems.append(f"{r['load']}: more than one broadcast for a second")
     if not checks["document_totals_match"]:
         problems.append("state document totals do not match the accepted reactions")
-    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}")
-    print(f"wrote {png_path.relative_to(REPO) if png_path.is_relative_to(REPO) else png_path}")
+    print(f"wrote {shown(json_path)}\nwrote {shown(png_path)}")
     for problem in problems:
         print(f"bench_spaces: {problem}", file=sys.stderr)
     return 1 if problems else 0
