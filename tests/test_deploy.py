@@ -89,7 +89,9 @@ def test_every_node_setting_is_a_real_setting(compose: dict[str, Any]) -> None:
     a, b = (Config.from_env(environment(compose["services"][n])) for n in NODES)
     assert a.signing_keys == b.signing_keys != ""
     assert a.database_url == b.database_url and a.redis_url == b.redis_url
-    assert a.public_url != b.public_url
+    # One public URL for the clients (the edge); each node's own relay address for its peer.
+    assert a.public_url == b.public_url != ""
+    assert a.effective_relay_url != b.effective_relay_url != b.effective_public_url
 
 
 def test_urls_name_services_and_ports_that_exist(compose: dict[str, Any]) -> None:
@@ -105,7 +107,7 @@ def test_urls_name_services_and_ports_that_exist(compose: dict[str, Any]) -> Non
             "/" + pg["POSTGRES_DB"],
         )
         assert urlsplit(config.redis_url).hostname == "redis"
-        own = urlsplit(config.public_url)
+        own = urlsplit(config.relay_url)  # where the other node relays to: this node
         assert own.hostname == name and own.port == config.port
         assert str(config.port) in [str(p) for p in services[name]["expose"]]
 
@@ -255,3 +257,14 @@ def test_the_image_runs_townhall_serve_as_a_user_with_a_health_check() -> None:
     assert probe[:2] == ["python", "-c"]
     ast.parse(probe[2])
     assert "/healthz" in probe[2] and "TOWNHALL_PORT" in probe[2]
+
+
+def test_a_node_relays_at_its_public_url_unless_told_otherwise() -> None:
+    behind_cdn = Config(public_url="https://live.example/")
+    assert behind_cdn.effective_relay_url == "https://live.example"
+    own = Config(public_url="https://live.example/", relay_url="http://10.0.0.7:8080/")
+    assert (own.effective_public_url, own.effective_relay_url) == (
+        "https://live.example",
+        "http://10.0.0.7:8080",
+    )
+    assert Config(host="127.0.0.1", port=9000).effective_relay_url == "http://127.0.0.1:9000"

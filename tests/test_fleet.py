@@ -1,7 +1,8 @@
 """The fleet on loopback, every part started for real: the machine's PostgreSQL and Redis, two
 `townhall serve` nodes, and Debian's nginx as the listener edge in front of both. A speaker on
 node A is heard through the edge and through node B; `kill -9` of node A moves the space to B
-and the replay keeps everything but the part in flight."""
+and the replay keeps everything but the part in flight. As behind a CDN, the nodes' public URL
+is the edge's and each relays to its peer's own address (``relay_url``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import av
 import httpx
 import m3u8
 import numpy as np
+import redis
 
 from tests.edge_support import edge_prefix, running_edge
 from tests.support import POSTGRES_URL, drop_schema, make_config
@@ -54,15 +56,16 @@ def test_two_nodes_behind_an_edge_and_a_node_killed(tmp_path: Path) -> None:
         "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": "1000/minute",
         "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": "1000/minute",
     }
+    edge_port = free_port()
+    public = f"http://127.0.0.1:{edge_port}"  # links handed to clients name the edge
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     nodes = {
         name: start(
             ["serve", "--port", str(port), "--data", str(tmp_path / "data")],
-            {**common, "TOWNHALL_PUBLIC_URL": f"http://127.0.0.1:{port}"},
+            {**common, "TOWNHALL_PUBLIC_URL": public, "TOWNHALL_RELAY_URL": url[name]},
         )
         for name, port in ports.items()
     }
-    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    edge_port = free_port()
     edge = contextlib.ExitStack()
     try:
         for name in ("a", "b"):
@@ -86,6 +89,10 @@ def test_two_nodes_behind_an_edge_and_a_node_killed(tmp_path: Path) -> None:
             a.headers["Authorization"] = f"Bearer {token}"
             space = a.post("/api/v1/spaces", json={"title": "Fleet"}).json()["id"]
             assert a.post(f"/api/v1/spaces/{space}/start").status_code == 200  # node A owns it
+            # A registered its relay address, not the public one: B relays to A directly.
+            lease = f"{common['TOWNHALL_REDIS_PREFIX']}:space:{space}:node"
+            with redis.Redis.from_url(common["TOWNHALL_REDIS_URL"], decode_responses=True) as r:
+                assert r.get(lease) == url["a"]
             speaker_token = a.post(f"/api/v1/spaces/{space}/speaker-token").json()["speaker_token"]
 
         async def speak(seconds: float, at: str) -> None:
@@ -117,7 +124,9 @@ def test_two_nodes_behind_an_edge_and_a_node_killed(tmp_path: Path) -> None:
             with httpx.Client(base_url=at, timeout=20) as listener:
                 joined = listener.post(f"/api/v1/spaces/{space}/join")
                 assert joined.status_code == 200, joined.text
-                return _heard(listener, joined.json()["hls_url"].replace(url["a"], at).replace(url["b"], at))
+                hls_url = joined.json()["hls_url"]
+                assert hls_url.startswith(public + "/hls/"), hls_url
+                return _heard(listener, hls_url.replace(public, at))
 
         through_edge, through_b, killed_at = asyncio.run(first_half())
         assert through_edge > 0.5 and through_b > 0.5, (through_edge, through_b)

@@ -44,6 +44,9 @@ class Config:
     trusted_proxies: str = ""
     # Public base URL used in links handed to clients (hls_url, whip_url); derived if empty.
     public_url: str = ""
+    # Where the other nodes of a fleet reach this one to relay a space's requests to it (its
+    # stage runs here); empty: public_url. Set it when public_url is a CDN or the edge.
+    relay_url: str = ""
     log_level: str = "info"
     # Signing keys for speaker tokens and listener tickets: "kid:hex64,kid2:hex64", the first
     # signs, all verify. Empty: one key generated once into DATA/signing.key (single node).
@@ -142,6 +145,11 @@ class Config:
         if self.public_url:
             return self.public_url.rstrip("/")
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def effective_relay_url(self) -> str:
+        """The base URL this node registers as a space's owner: peers relay to it."""
+        return self.relay_url.rstrip("/") if self.relay_url else self.effective_public_url
 
     # -- loading -----------------------------------------------------------------------------
 

@@ -128,12 +128,12 @@ class Node:
             placement=(
                 RedisPlacement(
                     config.redis_url,
-                    config.effective_public_url,
+                    config.effective_relay_url,
                     prefix=config.redis_prefix,
                     lease_seconds=config.stage_lease_seconds,
                 )
                 if config.redis_url
-                else LocalPlacement(config.effective_public_url)
+                else LocalPlacement(config.effective_relay_url)
             ),
             admission=admission,
         )
