@@ -8,9 +8,11 @@ It needs ``wrk`` (Debian: ``apt-get install -y wrk``) and matplotlib in the venv
 on 127.0.0.1 (the client process calls ``townhall.stage.ice.restrict_host_addresses`` so that ICE
 offers only loopback candidates; the server does the same because it listens on 127.0.0.1) and
 stops by itself; with the default settings the whole run takes about five minutes.
-``--stage-rt`` puts the stage process (every thread) in the real-time round-robin class
-(``chrt -a -r -p 10``, root only) after the server starts, as an operator can; by default the
-stage runs as shipped (``os.nice(-5)``).
+By default the stage runs as shipped: it asks for ``SCHED_RR`` itself (``stage_realtime``);
+``--stage-niced`` starts the server with ``TOWNHALL_STAGE_REALTIME=false``, the fallback where
+real-time scheduling is not permitted (``os.nice(-5)``). The policy the stage process actually
+runs in is read back from the kernel and reported. ``--only cpu,ramp`` runs some of the four
+measurements (results then go to ``stage-<scheduling>-only.json``, without a plot).
 
 Method
 ------
@@ -65,7 +67,7 @@ handshakes), warm-up and the window.
    The stage runs in a process of its own; this says whether the HTTP process's load still
    reaches its clock (through the two shared cores only). The peer, in every window: a bare
    asyncio process that only wakes every 20 ms (``TICKER``), niced like the stage (or in
-   SCHED_RR with ``--stage-rt``): how late the machine itself wakes a clock that has no work.
+   SCHED_RR as shipped): how late the machine itself wakes a clock that has no work.
 
 Output: a table on stdout, ``bench/results/stage.json`` and ``bench/results/stage.png``.
 """
@@ -83,7 +85,6 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,17 +148,15 @@ def stage_pid(server: Server) -> int | None:
     return None
 
 
-def make_stage_rt(server: Server) -> str:
-    """Every thread of the stage process in SCHED_RR at priority 10 (threads it starts later
-    inherit it); returns the policy as ``chrt -p`` reports it."""
+def stage_policy(server: Server) -> str:
+    """The scheduling class the stage process runs in, as the kernel has it."""
     pid = stage_pid(server)
     if pid is None:
         raise RuntimeError("no stage process under the server")
-    subprocess.run(["chrt", "-a", "-r", "-p", "10", str(pid)], check=True, capture_output=True)
-    shown = subprocess.run(["chrt", "-p", str(pid)], check=True, capture_output=True, text=True).stdout
-    if "SCHED_RR" not in shown:
-        raise RuntimeError(f"chrt did not take: {shown}")
-    return "SCHED_RR priority 10 (chrt -a -r -p 10)"
+    policy = os.sched_getscheduler(pid)
+    if policy == os.SCHED_RR:
+        return f"SCHED_RR priority {os.sched_getparam(pid).sched_priority} (stage_realtime, as shipped)"
+    return f"SCHED_OTHER nice {os.getpriority(os.PRIO_PROCESS, pid)} (stage_realtime off)"
 
 
 def stage_cpu_seconds(server: Server) -> float:
@@ -170,8 +169,9 @@ def stage_cpu_seconds(server: Server) -> float:
 
 
 @contextlib.contextmanager
-def townhall_server(workdir: Path) -> Iterator[Server]:
-    with serve_townhall(workdir / "data", workdir / "townhall.log", SERVER_ENV, warn=say) as server:
+def townhall_server(workdir: Path, niced: bool = False) -> Iterator[Server]:
+    env = {**SERVER_ENV, "TOWNHALL_STAGE_REALTIME": "false"} if niced else SERVER_ENV
+    with serve_townhall(workdir / "data", workdir / "townhall.log", env, warn=say) as server:
         yield server
 
 
@@ -580,7 +580,7 @@ async def latency_direct(seconds: float) -> dict[str, Any]:
 # -- 4. flood -------------------------------------------------------------------------------------
 
 # The peer of the stage's clock: a process that does nothing but wake every 20 ms against
-# absolute deadlines, scheduled like the stage (niced, or SCHED_RR under --stage-rt).
+# absolute deadlines, scheduled like the stage (SCHED_RR as shipped, niced under --stage-niced).
 TICKER = r"""
 import asyncio, json, os, sys
 os.nice(int(sys.argv[2]))
@@ -648,60 +648,65 @@ def tones_for(count: int, base: float = 300.0, step: float = 70.0) -> list[float
     return [base + step * i for i in range(count)]
 
 
+PARTS = ("latency", "cpu", "flood", "ramp")
+
+
 async def run_all(args: argparse.Namespace, server: Server, workdir: Path) -> dict[str, Any]:
     api = Api(server.base)
     out: dict[str, Any] = {}
     try:
-        # 1. latency
-        say(f"1. latency: chirp every 0.5 s, {args.latency_seconds:g} s through the server, then direct ...")
-        through = await latency_through_server(api, args.latency_seconds)
-        direct = await latency_direct(args.latency_seconds)
-        out["latency"] = {
-            "server": through,
-            "direct": direct,
-            "added_median_ms": through["median_ms"] - direct["median_ms"],
-            "added_p95_ms": through["p95_ms"] - direct["p95_ms"],
-            "target_ms": 150,
-        }
-        say(
-            f"   server {through['median_ms']:.1f} / {through['p95_ms']:.1f} ms, direct "
-            f"{direct['median_ms']:.1f} / {direct['p95_ms']:.1f} ms (median / p95)"
-        )
-
+        if "latency" in args.only:
+            out["latency"] = await latency(args, api)
         count_without_decoding()  # 2-4 measure the server: WHEP returns are counted, not decoded
-
-        # 2. CPU of a full stage
-        say(
-            f"2. CPU: 13 speakers + 13 returns, warm-up {args.cpu_warmup:g} s, "
-            f"window {args.cpu_seconds:g} s ..."
-        )
-        await api.ensure_accounts(13)
-        setup0 = time.monotonic()
-        stage = await open_stage(api, api.accounts[:13], tones_for(13), 0.05)
-        setup_s = time.monotonic() - setup0
-        try:
-            await asyncio.sleep(args.cpu_warmup)
-            cpu = await measure_stages([stage], api, server, args.cpu_seconds)
-        finally:
-            await stage.close(api)
-        cpu["setup_s"] = round(setup_s, 2)
-        cpu["target_cores"] = 0.5
-        out["cpu_13"] = cpu
-        lat = cpu["lateness"]["end_of_window"]
-        say(
-            f"   stage {cpu['stage_cores']:.3f} cores, HTTP {cpu['http_cores']:.3f}, clients "
-            f"{cpu['client_cores']:.3f}; lateness p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms, "
-            f"late ticks in the window {cpu['lateness']['window_late_ticks']['0.01']:.0f}"
-        )
-
-        # 4. flood (before 3, which may stop early or run long)
-        out["flood"] = await flood(args, api, server, workdir)
-
-        # 3. ramp
-        out["ramp"] = await ramp(args, api, server)
+        if "cpu" in args.only:
+            out["cpu_13"] = await cpu_13(args, api, server)
+        if "flood" in args.only:  # (before 3, which may stop early or run long)
+            out["flood"] = await flood(args, api, server, workdir)
+        if "ramp" in args.only:
+            out["ramp"] = await ramp(args, api, server)
     finally:
         await api.aclose()
     return out
+
+
+async def latency(args: argparse.Namespace, api: Api) -> dict[str, Any]:
+    say(f"1. latency: chirp every 0.5 s, {args.latency_seconds:g} s through the server, then direct ...")
+    through = await latency_through_server(api, args.latency_seconds)
+    direct = await latency_direct(args.latency_seconds)
+    say(
+        f"   server {through['median_ms']:.1f} / {through['p95_ms']:.1f} ms, direct "
+        f"{direct['median_ms']:.1f} / {direct['p95_ms']:.1f} ms (median / p95)"
+    )
+    return {
+        "server": through,
+        "direct": direct,
+        "added_median_ms": through["median_ms"] - direct["median_ms"],
+        "added_p95_ms": through["p95_ms"] - direct["p95_ms"],
+        "target_ms": 150,
+    }
+
+
+async def cpu_13(args: argparse.Namespace, api: Api, server: Server) -> dict[str, Any]:
+    say(f"2. CPU: 13 speakers + 13 returns, warm-up {args.cpu_warmup:g} s, window {args.cpu_seconds:g} s ...")
+    await api.ensure_accounts(13)
+    setup0 = time.monotonic()
+    stage = await open_stage(api, api.accounts[:13], tones_for(13), 0.05)
+    setup_s = time.monotonic() - setup0
+    try:
+        await asyncio.sleep(args.cpu_warmup)
+        cpu = await measure_stages([stage], api, server, args.cpu_seconds)
+    finally:
+        await stage.close(api)
+    cpu["setup_s"] = round(setup_s, 2)
+    cpu["target_cores"] = 0.5
+    lat = cpu["lateness"]["end_of_window"]
+    say(
+        f"   stage {cpu['stage_cores']:.3f} cores, HTTP {cpu['http_cores']:.3f}, clients "
+        f"{cpu['client_cores']:.3f}; lateness p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms, "
+        f"late ticks in the window {cpu['lateness']['window_late_ticks']['0.01']:.0f}; machine busy "
+        f"{cpu['machine_busy_cores']:.2f} cores"
+    )
+    return cpu
 
 
 async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Path) -> dict[str, Any]:
@@ -729,7 +734,7 @@ async def flood(args: argparse.Namespace, api: Api, server: Server, workdir: Pat
                 time.monotonic(),
             )
             load = None
-            ticker = asyncio.create_task(bare_ticker(args.flood_seconds, args.stage_rt))
+            ticker = asyncio.create_task(bare_ticker(args.flood_seconds, not args.stage_niced))
             if script is None:
                 await asyncio.sleep(args.flood_seconds)
             else:
@@ -830,9 +835,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="townhall-bench-stage-") as tmp:
         workdir = Path(tmp)
-        with townhall_server(workdir) as server:
-            policy = make_stage_rt(server) if args.stage_rt else "as shipped (os.nice(-5))"
+        with townhall_server(workdir, args.stage_niced) as server:
             results = await run_all(args, server, workdir)
+            policy = stage_policy(server)  # once it has long been running: set as it starts
     return {
         "benchmark": "stage",
         "date": started.isoformat(timespec="seconds"),
@@ -907,6 +912,31 @@ def table(result: dict[str, Any]) -> str:
             f"{bare['p99_ms']:.2f}, max {bare['max_ms']:.2f} ms, {bare['late']['0.01']} late | p99 < 5 ms |"
         )
     return "\n".join(rows)
+
+
+def partial_summary(result: dict[str, Any]) -> str:
+    """The measurements run under ``--only``, one line each."""
+    r, lines = result["results"], []
+    if "latency" in r:
+        lat = r["latency"]
+        lines.append(
+            f"1. added latency median / p95: {lat['added_median_ms']:.1f} / {lat['added_p95_ms']:.1f} ms"
+        )
+    if "cpu_13" in r:
+        c = r["cpu_13"]
+        lines.append(
+            f"2. 13 speakers: stage {c['stage_cores']:.3f} cores, clients {c['client_cores']:.3f}, busy "
+            f"{c['machine_busy_cores']:.2f}; late {c['lateness']['window_late_ticks']['0.01']:.0f}; min WHEP "
+            f"{c['whep_frames_per_s_min']:.0f}/s"
+        )
+    if "flood" in r:
+        for name, case in r["flood"]["cases"].items():
+            e = case["lateness"]["end_of_window"]
+            lines.append(f"4. {name}: p99 {e['p99_ms']:.2f} ms, max {e['max_ms']:.2f} ms")
+    if "ramp" in r:
+        lines.append(ramp_table(result))
+        lines.append(f"3. largest N without a late tick: {r['ramp']['largest_n_without_late_tick']}")
+    return "\n".join(lines)
 
 
 def ramp_table(result: dict[str, Any]) -> str:
@@ -1077,9 +1107,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flood-seconds", type=int, default=15, help="wrk duration, s (default 15)")
     parser.add_argument("--flood-connections", type=int, default=128, help="wrk connections (default 128)")
     parser.add_argument(
-        "--stage-rt",
+        "--stage-niced",
         action="store_true",
-        help="run the stage process in SCHED_RR (chrt -a -r -p 10; root); results as stage-rt.json/png",
+        help="start the server with TOWNHALL_STAGE_REALTIME=false (nice, not SCHED_RR); results as "
+        "stage-niced.json/png",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(PARTS),
+        help=f"run only these measurements, comma-separated, of {','.join(PARTS)} (default: all)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     return parser.parse_args(argv)
@@ -1098,18 +1135,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = asyncio.run(main_async(args))
     result["run_seconds"] = round(time.monotonic() - began, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "stage-rt" if args.stage_rt else "stage"
-    json_path, png_path = args.out / f"{name}.json", args.out / f"{name}.png"
+    name = "stage-niced" if args.stage_niced else "stage"
+    whole = set(args.only) == set(PARTS)
+    json_path = args.out / (f"{name}.json" if whole else f"{name}-only.json")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, png_path)
+    written = [json_path]
     m = result["machine"]
     say(
         f"\ntownhall stage: {result['date']}, {m['cpus']} cores ({m['cpu_model']}), {result['run_seconds']} s"
     )
     say(result["clients"] + f"; stage scheduling: {result['stage_scheduling']}\n")
-    say(table(result))
-    say("\n" + ramp_table(result))
-    for p in (json_path, png_path):
+    if whole:
+        png_path = args.out / f"{name}.png"
+        plot(result, png_path)
+        written.append(png_path)
+        say(table(result))
+        say("\n" + ramp_table(result))
+    else:
+        say(partial_summary(result))
+    for p in written:
         say(f"wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
     return 0
 

@@ -116,7 +116,10 @@ class StageHub:
         @peer.pc.on("track")
         def on_track(track: RemoteStreamTrack) -> None:
             if track.kind == "audio":
-                room.add_speaker(peer, track, muted=muted)
+                receiver = next(
+                    (t.receiver for t in peer.pc.getTransceivers() if t.receiver.track is track), None
+                )
+                room.add_speaker(peer, track, muted=muted, receiver=receiver)
 
         room.register(peer)
         await self._negotiate(room, peer, sdp)

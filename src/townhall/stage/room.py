@@ -1,7 +1,9 @@
 """A space's stage at run time: WebRTC peers around the pure mixer, on a fixed 20 ms clock.
 
-The I/O edge of the stage. Inbound speaker tracks are decoded by aiortc (its decoder runs in a
-worker thread), converted to 20 ms mono frames and pushed into the ``Mixer``. A clock task
+The I/O edge of the stage. Inbound speaker audio is decoded on the event loop as each Opus
+frame leaves aiortc's receive jitter buffer (``InlineDecoding``: a mono libopus decode is ~50 µs,
+less than the hand-over to aiortc's per-speaker decoder thread and back, which woke the loop
+twice per packet), converted to 20 ms mono frames and pushed into the ``Mixer``. A clock task
 ticks every 20 ms against absolute deadlines (no drift); each tick's program mix goes to the
 program sinks (the packager), and the frames for the outbound WebRTC tracks (mix-minus for a
 speaker, program for a host's monitor) go to the room's encoder thread, which turns them into
@@ -26,8 +28,10 @@ from typing import Any
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver
+from aiortc.codecs import get_decoder
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from townhall.stage.jitter import Frame
 from townhall.stage.lateness import LatenessWindow
@@ -184,6 +188,74 @@ class _Rechunker:
         return out
 
 
+class _SpeakerDecoder:
+    """One speaker's inbound audio -> 20 ms mono frames. Opus (what every WHIP client sends) is
+    decoded straight to mono by libopus; any other codec aiortc negotiated goes through aiortc's
+    own decoder and the rechunker's downmix."""
+
+    def __init__(self) -> None:
+        self._opus: av.AudioCodecContext | None = None
+        self._other: Any = None
+        self._chunker = _Rechunker()
+
+    def decode(self, codec: RTCRtpCodecParameters, data: Any) -> list[Frame]:
+        if codec.name.lower() == "opus":
+            opus = self._opus
+            if opus is None:
+                opus = self._opus = av.CodecContext.create("libopus", "r")
+                opus.format = "s16"
+                opus.layout = "mono"
+                opus.sample_rate = RATE
+            frames: list[Any] = list(opus.decode(av.Packet(data.data)))
+        else:
+            if self._other is None:
+                self._other = get_decoder(codec)
+            frames = list(self._other.decode(data))
+        return [chunk for frame in frames for chunk in self._chunker.feed(frame)]
+
+
+class InlineDecoding(queue.Queue[Any]):
+    """Stands in for the queue between an aiortc ``RTCRtpReceiver`` and its decoder thread.
+
+    aiortc puts each complete encoded frame on that queue from the event loop; its decoder thread
+    decodes it and posts the decoded frame back to the loop: two thread hand-overs and two
+    wake-ups of the loop per 20 ms packet per speaker, which cost more than the decode itself
+    (~50 µs for mono Opus). Here ``put`` decodes on the spot and hands the frames to
+    ``on_frames``; the thread, given this queue, waits in ``get`` until aiortc stops the receiver
+    (``put(None)``), which still ends the track as before."""
+
+    def __init__(self, on_frames: Callable[[list[Frame]], None]) -> None:
+        super().__init__()
+        self._on_frames = on_frames
+        self._decoder = _SpeakerDecoder()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            super().put(None, block, timeout)
+            return
+        codec, encoded = item
+        try:
+            frames = self._decoder.decode(codec, encoded)
+        except av.FFmpegError as exc:  # a corrupt packet is lost audio, never a stalled speaker
+            logger.warning("speaker audio failed to decode: %s", exc)
+            return
+        if frames:
+            self._on_frames(frames)
+
+    @staticmethod
+    def install(receiver: RTCRtpReceiver, on_frames: Callable[[list[Frame]], None]) -> bool:
+        """Decode ``receiver``'s audio inline, if it has not started yet and is laid out as in the
+        aiortc versions this was written against (1.9-1.16); otherwise leave it alone (False) and
+        the track's decoded frames are read as usual."""
+        queue_attr, thread_attr = "_RTCRtpReceiver__decoder_queue", "_RTCRtpReceiver__decoder_thread"
+        if not isinstance(getattr(receiver, queue_attr, None), queue.Queue):
+            return False
+        if getattr(receiver, thread_attr, True) is not None:
+            return False
+        setattr(receiver, queue_attr, InlineDecoding(on_frames))
+        return True
+
+
 class Peer:
     """One WHIP or WHEP session."""
 
@@ -240,8 +312,11 @@ class Room:
 
     # -- peers ---------------------------------------------------------------------------------
 
-    def add_speaker(self, peer: Peer, track: MediaStreamTrack, *, muted: bool) -> None:
-        """An inbound WHIP track: replaces any earlier session of the same speaker."""
+    def add_speaker(
+        self, peer: Peer, track: MediaStreamTrack, *, muted: bool, receiver: RTCRtpReceiver | None = None
+    ) -> None:
+        """An inbound WHIP track: replaces any earlier session of the same speaker. Given the
+        track's ``receiver`` (before the connection starts), its audio is decoded inline."""
         for other in list(self.peers.values()):
             if other.kind == "whip" and other.speaker == peer.speaker and other.id != peer.id:
                 task = asyncio.create_task(self.drop(other.id))
@@ -249,7 +324,14 @@ class Room:
                 task.add_done_callback(self._background.discard)
         self.peers[peer.id] = peer
         self.mixer.add_speaker(peer.speaker, muted=muted)
-        peer.reader = asyncio.create_task(self._read(peer, track), name=f"stage-read-{peer.id}")
+
+        def push(frames: list[Frame]) -> None:
+            now = self.now()
+            for frame in frames:
+                self.mixer.push(peer.speaker, frame, now)
+
+        inline = receiver is not None and InlineDecoding.install(receiver, push)
+        peer.reader = asyncio.create_task(self._read(peer, track, push, inline), name=f"stage-read-{peer.id}")
         self.ensure_running()
 
     def add_listener(self, peer: Peer) -> MixTrack:
@@ -289,16 +371,17 @@ class Room:
     def set_muted(self, speaker: str, muted: bool) -> None:
         self.mixer.set_muted(speaker, muted)
 
-    async def _read(self, peer: Peer, track: MediaStreamTrack) -> None:
+    async def _read(
+        self, peer: Peer, track: MediaStreamTrack, push: Callable[[list[Frame]], None], inline: bool
+    ) -> None:
+        """Until the track ends: its decoded frames into the mixer, unless they are decoded
+        inline (then nothing arrives here but the end)."""
         chunker = _Rechunker()
         try:
             while True:
                 frame = await track.recv()
-                if not isinstance(frame, av.AudioFrame):
-                    continue
-                now = self.now()
-                for chunk in chunker.feed(frame):
-                    self.mixer.push(peer.speaker, chunk, now)
+                if not inline and isinstance(frame, av.AudioFrame):
+                    push(chunker.feed(frame))
         except MediaStreamError:
             logger.info("speaker track ended", extra={"space": self.space_id, "peer": peer.id})
             await self.drop(peer.id)
