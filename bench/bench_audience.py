@@ -41,15 +41,19 @@ parts flow even before anyone speaks.
    behind live. A player that holds ``PART-HOLD-BACK`` behind the live edge (hls.js in
    low-latency mode aims near it) would add up to that hold-back; that is computed, not measured.
 3. **Memory with 10,000 blocking reloads held open.** ``--held`` keep-alive connections (default
-   10,000) from this process (uvloop), all opened first. Then each one asks for the playlist
-   with ``_HLS_msn`` two segments past the live edge and ``_HLS_part=0`` (as far ahead as the
-   origin accepts: held 2.5-4.5 s), reads the answer, and asks again, for ``--hold-seconds``. A
-   separate follower notes when each part appears (its ``PROGRAM-DATE-TIME`` + duration, i.e.
-   when it could first exist). Sampled every 0.25 s: the requests held (sent and not yet
-   answered) and the server's RSS (``VmRSS`` of every process of its session; the origin's own
-   process separately). Reported: the baseline RSS, the RSS at the most requests held, the
-   difference per held request, how late held requests were answered after their part could
-   exist (p50/p99), and the server's CPU.
+   10,000) from this process (uvloop; each a plain ``asyncio.Protocol``, no task or stream
+   reader, so that the client costs less than the server it measures), all opened first. Then
+   each one asks for the playlist with ``_HLS_msn`` two segments past the live edge and
+   ``_HLS_part=0`` (as far ahead as the origin accepts: held 2.5-4.5 s), reads the answer, and
+   asks again, for ``--hold-seconds``. A separate follower notes when each part appears (its
+   ``PROGRAM-DATE-TIME`` + duration, i.e. when it could first exist). Sampled every 0.25 s:
+   the requests held (sent and not yet answered) and the server's RSS (``VmRSS`` of every
+   process of its session; the origin's own process separately). Reported: the baseline RSS,
+   the RSS with every connection open and at the most requests held, the difference per
+   connection and per held request on top, how late held requests were answered (the first
+   byte of the answer read) after their part could exist (p50/p99), the origin's own part of
+   that (its ``townhall_hls_held_wake_seconds`` histogram: from the playlist change to each
+   answer written; bucket bounds), and the server's CPU.
 
 The load generators share the two cores with the server: figures are for comparison within
 one run, not capacity. Output: a table on stdout, ``bench/results/audience.json`` and
@@ -426,6 +430,26 @@ def summary(samples: Sequence[float]) -> dict[str, Any]:
 # -- 3. held blocking reloads ------------------------------------------------------------------
 
 
+WAKE = "townhall_hls_held_wake_seconds"
+
+
+def wake_quantiles(metrics: str) -> dict[str, float]:
+    """The origin's own delivery of held reloads, from its histogram: from the playlist change
+    to each answer written (upper bucket bounds for p50/p99; empty if the origin has none)."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics.splitlines():
+        if line.startswith(WAKE + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    out: dict[str, float] = {"n": total}
+    for name, q in (("p50_at_most", 0.5), ("p99_at_most", 0.99)):
+        out[name] = next(le for le, count in buckets if count >= q * total)
+    return out
+
+
 class _HeldConnection(asyncio.Protocol):
     """One listener's connection, as a plain protocol (the client must cost far less than the
     server it measures: no stream reader, no task): asks for the load's current target, notes
@@ -591,6 +615,8 @@ class HeldLoad:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         base_connected = statistics.median(connected_rss)
+        async with httpx.AsyncClient(timeout=30) as c:
+            wake = wake_quantiles((await c.get(self.base + "/metrics")).text)
         base_session = statistics.median(b[0] for b in baseline)
         base_main = statistics.median(b[1] for b in baseline)
         peak = max(samples, key=lambda x: (x["held"], x["rss_session"]))
@@ -619,6 +645,7 @@ class HeldLoad:
             ),
             "answers": statuses,
             "answered_after_part_could_exist_s": summary(late),
+            "origin_wake_to_written_s": wake,
             "server_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
             "timeline": samples,
         }

@@ -188,6 +188,7 @@ def test_held_reloads_are_woken_together_in_order_with_what_follows(live: Cast) 
     held one is answered after it."""
     j = Joined(live)
     msn, part = j.next_blocking()
+    msn += 1  # a whole segment away: every connection is surely held before it comes
     target = f"live.m3u8?_HLS_msn={msn}&_HLS_part={part}"
     socks = [j.connect() for _ in range(40)]
     try:
@@ -216,6 +217,12 @@ def test_held_reloads_are_woken_together_in_order_with_what_follows(live: Cast) 
             s.close()
     # The server is well: a fresh request is answered at once.
     assert j.http.get(j.base + "live.m3u8").status_code == 200
+    # Its own delivery time for woken reloads is measured.
+    metrics = httpx.get(f"{live.server.url}/metrics").text
+    woken = next(
+        line for line in metrics.splitlines() if line.startswith("townhall_hls_held_wake_seconds_count")
+    )
+    assert float(woken.split()[-1]) >= 39
 
 
 def test_a_held_reload_past_its_point_of_no_return_is_a_503(live: Cast) -> None:

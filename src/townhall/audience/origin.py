@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import time
 from typing import Protocol
 
 from townhall.audience.packager import PartReady
@@ -90,6 +91,7 @@ class SpaceStream:
         self._building: _Building | None = None
         self._next_msn = 0
         self._held: dict[tuple[int, int | None], _Held] = {}
+        self.changed_at = 0.0  # perf_counter() at the last change: what woken waiters measure from
         self._playlist: str | None = None
         self._discontinuity = False
         self._discontinuities_evicted = 0
@@ -145,6 +147,7 @@ class SpaceStream:
 
     def _announce(self) -> None:
         self._playlist = None
+        self.changed_at = time.perf_counter()
         if self._held:
             self._release()
 

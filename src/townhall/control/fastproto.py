@@ -39,6 +39,7 @@ import asyncio
 import time
 from typing import Any, ClassVar
 
+from prometheus_client import Histogram
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -61,8 +62,9 @@ _IN_FLIGHT: Any = _InFlight()
 class _Metrics:
     """The app's request counter and latency histogram (``MetricsMiddleware``), children cached."""
 
-    def __init__(self, layer: MetricsMiddleware | None) -> None:
+    def __init__(self, layer: MetricsMiddleware | None, wake: Histogram | None) -> None:
         self.layer = layer
+        self.wake = wake
         self.counts: dict[tuple[str, str, int], Any] = {}
         self.latency: dict[str, Any] = {}
 
@@ -116,7 +118,8 @@ class ListenerProtocol(HttpToolsProtocol):
     @classmethod
     def metrics(cls) -> _Metrics:
         if cls._metrics is None:
-            cls._metrics = _Metrics(_metrics_layer(cls.asgi_app))
+            state = getattr(cls.asgi_app, "state", None)
+            cls._metrics = _Metrics(_metrics_layer(cls.asgi_app), getattr(state, "hls_wake_seconds", None))
         return cls._metrics
 
     # -- parser callbacks ------------------------------------------------------------------------
@@ -228,6 +231,9 @@ class ListenerProtocol(HttpToolsProtocol):
         space_id, method, keep_alive, start = held
         answer = hls.playlist_answer(space_id, stream, blocking=True)  # built once for the list
         self._send(method, keep_alive, start, answer if answer is not None else hls.LATE)
+        wake = self.metrics().wake
+        if wake is not None:
+            wake.observe(time.perf_counter() - stream.changed_at)
 
     def expired(self) -> None:
         held, self._held = self._held, None
@@ -253,5 +259,16 @@ class ListenerProtocol(HttpToolsProtocol):
 
 
 def listener_protocol(node: Node, app: ASGIApp) -> type[ListenerProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` serving ``app`` of ``node``."""
+    """The protocol class for ``uvicorn.Config(http=...)`` serving ``app`` of ``node``. Adds to
+    the app's metrics ``townhall_hls_held_wake_seconds``: from a change of the playlist to the
+    answer of each blocking reload it woke, written (the origin's own delivery time)."""
+    state = getattr(app, "state", None)
+    registry = getattr(state, "metrics_registry", None)
+    if state is not None and registry is not None and getattr(state, "hls_wake_seconds", None) is None:
+        state.hls_wake_seconds = Histogram(
+            "townhall_hls_held_wake_seconds",
+            "From the playlist change to each held blocking reload's answer, written",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
     return type("NodeListenerProtocol", (ListenerProtocol,), {"node": node, "asgi_app": app})
