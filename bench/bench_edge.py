@@ -14,7 +14,10 @@ one space do. The origin's own ``/metrics`` counts what reaches it; the parts pr
 window are the window divided by the part duration. The peer this is measured against is the
 ideal: one request per object per edge (a blocking playlist and a part per part: 2).
 
-Output: a table, ``bench/results/edge.json`` and ``bench/results/edge.png``.
+Output: a table, ``bench/results/edge.json`` and ``bench/results/edge.png``
+(``edge-without-*`` with ``--without DIRECTIVES``: the shipped edge minus those directives,
+for a before/after of each in one session). ``--trace`` logs every edge request with its cache
+status (``$upstream_cache_status``), the origin's time and its ``Cache-Control``.
 """
 
 from __future__ import annotations
@@ -116,11 +119,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         origin = server.base.removeprefix("http://")
         conf = prefix / "nginx.conf"
-        conf.write_text(
-            render(EdgeSettings([origin], listen=f"{HOST}:{port}", prefix=str(prefix), workers="1")).replace(
-                "worker_connections 8192", f"worker_connections {min(30000, hard - 100)}"
-            )
-        )
+        text = render(EdgeSettings([origin], listen=f"{HOST}:{port}", prefix=str(prefix), workers="1"))
+        text = text.replace("worker_connections 8192", f"worker_connections {min(30000, hard - 100)}")
+        for directive in args.without:
+            # The shipped edge minus a directive (a before/after of each fix in one session).
+            text = "\n".join(x for x in text.splitlines() if x.split()[:1] != [directive]) + "\n"
+        if args.trace:
+            # Every listener request with its cache status and the origin's time, for tracing.
+            text = text.replace("access_log off;", TRACE_LOG % {"path": prefix / "access.log"})
+            text = text.replace("error.log warn;", "error.log info;")  # "cache lock timeout" is info
+            print(f"edge access log: {prefix / 'access.log'}", flush=True)
+        conf.write_text(text)
         edge = subprocess.Popen(
             [
                 "/usr/sbin/nginx",
@@ -221,10 +230,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             stop(edge)
             api.close()
+    results["without"] = args.without
     results["command"] = " ".join([".venv/bin/python bench/bench_edge.py", *sys.argv[1:]])
     results["git"] = git_state()
     return results
 
+
+TRACE_LOG = """log_format trace '$msec $request_uri $status $upstream_cache_status '
+                     '$upstream_response_time $request_time $connection $connection_requests '
+                     '$upstream_status $upstream_header_time $upstream_bytes_received '
+                     '"$upstream_http_cache_control" "$upstream_http_set_cookie"';
+    access_log %(path)s trace buffer=256k flush=1s;"""
 
 DONE = """
 done = function(summary, latency, requests)
@@ -270,13 +286,27 @@ def main() -> None:
         "--listeners", default="100,1000,10000", type=lambda s: [int(x) for x in s.split(",")]
     )
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="log every edge request with its cache status and the origin's time (printed path)",
+    )
+    parser.add_argument(
+        "--without",
+        default=[],
+        type=lambda s: [x for x in s.split(",") if x],
+        help="nginx directives to take out of the shipped edge, comma-separated (a before/after: "
+        "proxy_cache_min_uses,proxy_ignore_client_abort is the edge before they were added)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "edge.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "edge.png")
-    print(f"wrote {args.out / 'edge.json'} and {args.out / 'edge.png'}")
+    without = [d.removeprefix("proxy_") for d in args.without]
+    name = "-".join(["edge", "without", *without]) if without else "edge"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json and .png")
 
 
 if __name__ == "__main__":

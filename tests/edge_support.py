@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -56,3 +57,29 @@ def running_edge(prefix: Path, config: str, port: int, *, ready_path: str = "/he
     finally:
         edge.terminate()
         edge.wait(10)
+
+
+async def raw_gets(
+    port: int, path: str, cookie: str, n: int, *, leave_after: float | None = None
+) -> list[bytes]:
+    """``n`` GETs of ``path`` through the edge at 127.0.0.1:``port``, one connection each, all
+    connected first and then sent together (so they wait on the edge at once); each answer as
+    raw bytes. With ``leave_after``, every client hangs up that many seconds after sending,
+    without reading (listeners leaving while their request waits), and nothing is returned."""
+    conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(n)))
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: townhall_ticket={cookie}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    for _, writer in conns:
+        writer.write(request)
+    await asyncio.gather(*(writer.drain() for _, writer in conns))
+    if leave_after is not None:
+        await asyncio.sleep(leave_after)
+        for _, writer in conns:
+            writer.close()
+        return []
+    answers = await asyncio.gather(*(reader.read() for reader, _ in conns))
+    for _, writer in conns:
+        writer.close()
+    return list(answers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.edge_support import edge_prefix, running_edge
+from tests.edge_support import edge_prefix, raw_gets, running_edge
 from tests.spaces_support import Cast, cast, generous_config
 from tests.support import TcpRelay, running_server
 from townhall.scaleout.edge import EdgeSettings, render
@@ -22,6 +23,9 @@ from townhall.stage.sources import ToneTrack
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 LISTENERS = 50
+WAITERS = 1100  # past the 1,024 lookups nginx counts per cache node (a 10-bit field)
+LEAVERS = 40
+LIVE = "/hls/{space_id}/live.m3u8"
 
 
 def _free_port() -> int:
@@ -128,3 +132,65 @@ def test_the_shipped_edge_config_is_the_rendered_one() -> None:
         render(EdgeSettings(origins=[]))
     with pytest.raises(ValueError):
         render(EdgeSettings(origins=["no-port"]))
+
+
+def test_the_lock_holds_past_1024_waiters_and_when_the_waiters_leave(live: Cast) -> None:
+    """Two ways nginx's cache lock used to let requests through to the origin (BENCHMARKS.md,
+    "Edge"): the 1,024th request waiting for one object, and every waiter in turn once the
+    one whose request held the lock had hung up. The shipped edge sends one request either way."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 3 * WAITERS + 1000  # the test's sockets and, inherited, nginx's
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, want), hard))
+    edge_port = _free_port()
+    try:
+        with edge_prefix() as prefix:
+            settings = EdgeSettings(
+                origins=[live.server.url.removeprefix("http://")],
+                listen=f"127.0.0.1:{edge_port}",
+                prefix=str(prefix),
+                workers="1",
+            )
+            with running_edge(prefix, render(settings), edge_port) as edge_url:
+                asyncio.run(_many_waiters_and_leavers(live, edge_url, edge_port))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _many_waiters_and_leavers(live: Cast, edge_url: str, edge_port: int) -> None:
+    space = live.space_id
+    pub = await publish(f"{live.server.url}/whip/{space}", live_token(live), ToneTrack(440.0))
+    try:
+        async with httpx.AsyncClient(base_url=edge_url, timeout=20) as http:
+            assert (await http.post(f"/api/v1/spaces/{space}/join")).status_code == 200
+            ticket = http.cookies["townhall_ticket"]
+            await asyncio.sleep(1.5)
+
+            # WAITERS blocking reloads for a part a segment ahead (held ~2 s at the origin).
+            msn, part = _next_part((await http.get(f"/hls/{space}/live.m3u8")).text)
+            ahead = f"/hls/{space}/live.m3u8?_HLS_msn={msn + 1}&_HLS_part={part}"
+            before = _origin_requests(live, LIVE)
+            answers = await raw_gets(edge_port, ahead, ticket, WAITERS)
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), {a[:40] for a in answers}
+            bodies = {a.split(b"\r\n\r\n", 1)[1] for a in answers}
+            assert len(bodies) == 1 and f"seg{msn + 1}.{part}.m4s".encode() in bodies.pop()
+            assert _origin_requests(live, LIVE) - before == 1
+
+            # LEAVERS wait for another part a segment ahead and hang up before it exists.
+            msn, part = _next_part((await http.get(f"/hls/{space}/live.m3u8")).text)
+            ahead = f"/hls/{space}/live.m3u8?_HLS_msn={msn + 1}&_HLS_part={part}"
+            before = _origin_requests(live, LIVE)
+            await raw_gets(edge_port, ahead, ticket, LEAVERS, leave_after=0.3)
+            async with httpx.AsyncClient(
+                base_url=live.server.url, timeout=20, cookies={"townhall_ticket": ticket}
+            ) as origin:
+                for _ in range(100):  # the part exists at the origin (asked by its name: another route)
+                    if (await origin.get(f"/hls/{space}/seg{msn + 1}.{part}.m4s")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # the waiters' lock polls (every 500 ms) have all come round
+            again = await http.get(ahead)
+            assert again.status_code == 200 and again.headers["x-cache"] == "HIT"
+            assert _origin_requests(live, LIVE) - before == 1
+    finally:
+        await pub.close()

@@ -14,6 +14,24 @@ N identical requests into one:
   origin for up to three target durations (6 s by default), so the lock's timeout and age are
   longer than that (``hold_seconds``); otherwise waiting requests would fall through to the
   origin uncached (the LL-HLS practice noted in the design).
+- ``proxy_cache_min_uses 0``: nginx counts the lookups of an object in a 10-bit field of its
+  cache node (``uses:10``). While an object is being fetched, the 1,024th request waiting for it
+  wraps that count to 0, fails the "used at least ``min_uses`` times" test and is sent to the
+  origin uncached, past the lock; so is every 1,024th after it. A blocking reload at the live
+  edge has every listener of the edge waiting on one object, so at 10,000 listeners each part
+  cost the origin ~10 playlist requests instead of one (bench/bench_edge.py, BENCHMARKS.md).
+  With a minimum of 0 the test always passes and the lock holds however many wait; the one
+  cost is that the node of an answer that was not stored stays in the keys zone until
+  ``inactive`` expires it, instead of being freed at once.
+- ``proxy_ignore_client_abort on``: when the listener whose request holds the lock has gone
+  (a player closed, a connection dropped), nginx would still wait for the origin's answer and
+  then throw it away unstored, failing to send its header; the next waiter's turn (its 500 ms
+  lock poll) repeats that. Listeners leaving together at the live edge so cost the origin one
+  request per leaver (hundreds a second in bench/bench_edge.py, where wrk's connections close
+  at the end of each run while they wait; the nginx debug log shows each answer discarded).
+  Ignoring the abort, the answer is read to the end and stored for everyone still waiting.
+- A request waiting on the lock checks it every 500 ms (fixed in nginx), so a listener whose
+  blocking reload was collapsed may get it up to half a second after the origin answered.
 - Lifetimes come from the origin's ``Cache-Control`` (immutable parts and segments, a short
   life for playlists, cacheable blocking reloads); responses marked ``private`` (the one that
   hands a listener its ticket cookie) are never stored.
@@ -91,6 +109,8 @@ http {{
             proxy_cache townhall_hls;
             proxy_cache_key "$uri|$arg__HLS_msn|$arg__HLS_part";
             proxy_cache_lock on;
+            proxy_cache_min_uses 0;  # else every 1,024th waiter passes the lock (edge.py)
+            proxy_ignore_client_abort on;  # a waiter's answer is stored even if it has left
             proxy_cache_lock_timeout {hold}s;
             proxy_cache_lock_age {hold}s;
             proxy_read_timeout {read_timeout}s;
