@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--flood-seconds", type=float, default=10)
     parser.add_argument("--join-rate", type=float, default=20.0, help="the space's admissions per second")
     parser.add_argument("--pause", type=float, default=15.0, help="seconds between scenarios")
+    parser.add_argument(
+        "--scenarios", default="listeners,join-storm,flood", help="which to run, comma-separated"
+    )
     args = parser.parse_args()
     env = {"TOWNHALL_SPACE_JOIN_RATE": str(args.join_rate), "TOWNHALL_SPACE_JOIN_BURST": str(args.join_rate)}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -104,14 +107,17 @@ def main() -> None:
         proc, url, space = start_demo(Path(tmp) / "data", env)
         try:
             out = Path(tmp) / "out"
+            chosen = args.scenarios.split(",")
             ls = str(args.listen_seconds)
-            reports["listeners"] = loadtest(
-                "listeners", url, space, out, "-n", str(args.listeners), "--seconds", ls
-            )
-            time.sleep(args.pause)
+            if "listeners" in chosen:
+                reports["listeners"] = loadtest(
+                    "listeners", url, space, out, "-n", str(args.listeners), "--seconds", ls
+                )
+                time.sleep(args.pause)
             storm = ["-n", str(args.storm), "--seconds", str(args.storm_seconds), "--drain", "20"]
-            reports["join-storm"] = loadtest("join-storm", url, fresh_space(url, "storm"), out, *storm)
-            time.sleep(args.pause)
+            if "join-storm" in chosen:
+                reports["join-storm"] = loadtest("join-storm", url, fresh_space(url, "storm"), out, *storm)
+                time.sleep(args.pause)
             flood = [
                 "--legit",
                 str(args.legit),
@@ -120,7 +126,10 @@ def main() -> None:
                 "--seconds",
                 str(args.flood_seconds),
             ]
-            reports["flood"] = loadtest("flood", url, fresh_space(url, "flood"), out, *flood, "--drain", "20")
+            if "flood" in chosen:
+                reports["flood"] = loadtest(
+                    "flood", url, fresh_space(url, "flood"), out, *flood, "--drain", "20"
+                )
         finally:
             proc.send_signal(signal.SIGINT)
             try:

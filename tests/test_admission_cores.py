@@ -316,7 +316,7 @@ def test_attack_mode_turns_on_past_the_threshold_rises_with_load_and_falls_back(
         ("GET", "/hls/abc/live.m3u8", False, Priority.RENEWAL),
         ("POST", "/api/v1/spaces/abc/join", True, Priority.JOIN),
         ("POST", "/api/v1/spaces/abc/join", False, Priority.ANONYMOUS_JOIN),
-        ("GET", "/api/v1/pow/challenge", False, Priority.ANONYMOUS_JOIN),
+        ("GET", "/api/v1/pow/challenge", False, Priority.JOIN),
         ("POST", "/api/v1/spaces/abc/start", False, Priority.API),  # no credentials: no host
         ("GET", "/api/v1/spaces", False, Priority.API),
         ("GET", "/", False, Priority.API),  # pages

@@ -35,6 +35,20 @@ def _code(r: httpx.Response) -> str:
         return ""
 
 
+async def _challenge(
+    http: httpx.AsyncClient, base: str, sleep: Callable[[float], Awaitable[None]], deadline: float
+) -> dict[str, Any]:
+    """A proof-of-work challenge; a shed or limited answer is waited out (``Retry-After``)."""
+    while True:
+        r = await http.get(f"{base}/api/v1/pow/challenge")
+        if r.status_code == 200:
+            return dict(r.json())
+        wait = r.headers.get("retry-after", "")
+        if r.status_code not in (429, 503) or not wait.isdigit() or time.monotonic() + int(wait) > deadline:
+            raise AdmissionRefused(f"no proof-of-work challenge ({r.status_code} {_code(r)})", r.status_code)
+        await sleep(float(wait))
+
+
 async def admit(
     http: httpx.AsyncClient,
     join_url: str,
@@ -65,7 +79,7 @@ async def admit(
             wait = float(r.headers["retry-after"])
         elif r.status_code == 403 and code in POW_RETRY and "queue_token" not in body and proofs < 3:
             proofs += 1
-            challenge = (await http.get(f"{base}/api/v1/pow/challenge")).json()
+            challenge = await _challenge(http, base, sleep, deadline)
             nonce = await asyncio.to_thread(solve, challenge["challenge"], int(challenge["difficulty"]))
             body = {"pow_challenge": str(challenge["challenge"]), "pow_nonce": nonce}
             continue

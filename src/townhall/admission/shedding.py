@@ -12,8 +12,8 @@ order of shedding follows from the depth *and* the length of the overload:
 =================  ==============  ===============  ======================================
 class              delay over      standing for     requests
 =================  ==============  ===============  ======================================
-ANONYMOUS_JOIN     1 × target      1 × interval     new joins without credentials, proofs
-JOIN               2 × target      2 × interval     new joins of accounts
+ANONYMOUS_JOIN     1 × target      1 × interval     new joins without credentials
+JOIN               2 × target      2 × interval     new joins of accounts, challenges
 API                10 × target     3 × interval     pages and every other API call
 RENEWAL            20 × target     4 × interval     ticket renewals of listeners already in
 NEVER              —               —                WHIP/WHEP, host and admin calls, health
@@ -70,7 +70,9 @@ def classify(method: str, path: str, authenticated: bool) -> Priority:
     if _JOIN.match(path):
         return Priority.JOIN if authenticated else Priority.ANONYMOUS_JOIN
     if path == "/api/v1/pow/challenge":
-        return Priority.ANONYMOUS_JOIN  # the first step of an anonymous join in attack mode
+        # One HMAC, asked by a joiner about to spend its own work on a proof: shed after the
+        # joins themselves, so that a node shedding anonymous joins still hands out challenges.
+        return Priority.JOIN
     if _RENEW.match(path) or path.startswith("/hls/"):
         return Priority.RENEWAL
     if method == "POST" and path == "/api/v1/spaces" and authenticated:

@@ -320,12 +320,19 @@ class Joiner:
 
     async def _solve(self) -> dict[str, str]:
         assert self.solver is not None
-        try:
-            r = await self.http.get(f"{self.base}/api/v1/pow/challenge")
-            challenge = r.json()
-            token, bits = str(challenge["challenge"]), int(challenge["difficulty"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return {}
+        while True:  # a shed or limited challenge is waited out, as admission.client does
+            try:
+                r = await self.http.get(f"{self.base}/api/v1/pow/challenge")
+                if r.status_code == 200:
+                    challenge = r.json()
+                    token, bits = str(challenge["challenge"]), int(challenge["difficulty"])
+                    break
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return {}
+            wait = _float(r.headers.get("retry-after"))
+            if r.status_code not in (429, 503) or wait is None or self.clock() + wait >= self.deadline:
+                return {}
+            await asyncio.sleep(wait)
         started = time.perf_counter()
         nonce = await self.solver(token, bits)
         self.rec.pow_solved += 1
