@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from aiortc.mediastreams import MediaStreamTrack
 
 from tests.spaces_support import Cast, cast, generous_config
 from tests.support import running_server
@@ -46,6 +47,21 @@ async def _stage(c: Cast) -> tuple[dict[str, Session], dict[str, Session]]:
     }
     subs = {who: await subscribe(f"{base}/whep/{c.space_id}", token(c, who)) for who in TONES}
     return pubs, subs
+
+
+async def _caught_up(track: MediaStreamTrack) -> MediaStreamTrack:
+    """``track`` once the audio that queued up in its receiver while nobody read it is read
+    and thrown away: on a loaded machine setting up the stage takes seconds, and a recording
+    started on that backlog would hear the stage's past, not what it does next. Frames are read
+    until one has to be waited for (the queue was empty: what comes next is live)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while loop.time() < deadline:
+        asked = loop.time()
+        await track.recv()
+        if loop.time() - asked > 0.005:
+            return track
+    raise AssertionError("the WHEP return never caught up with the stage")
 
 
 async def _close(*groups: dict[str, Session]) -> None:
@@ -99,6 +115,8 @@ def test_mute_removes_a_voice_from_every_mix(live: Cast) -> None:
         try:
             await asyncio.sleep(0.5)
             tracks = {who: await s.remote_track() for who, s in subs.items() if who != "speaker"}
+            for track in tracks.values():
+                await _caught_up(track)
             recording = asyncio.gather(*(record_timed(t, 4.0) for t in tracks.values()))
             await asyncio.sleep(1.5)
             async with httpx.AsyncClient(base_url=live.server.url) as http:
@@ -127,7 +145,14 @@ def test_mute_removes_a_voice_from_every_mix(live: Cast) -> None:
     for who, samples in heard.items():
         shares = [tone_power(w, RATE, TONES["speaker"]) for w in windows(samples)]
         assert max(shares[: len(shares) // 4]) > 0.05, who  # the clients heard it at first
-        assert max(shares[-len(shares) // 4 :]) < 0.01, who  # and not at the end
+        # ... and not at the end: the last second as a whole holds under ABSENT of the voice
+        # (present it is ~0.5), and no 20 ms window there carries it as it did at first. A
+        # single window's share is not held to ABSENT: when another voice's frame is lost on
+        # a loaded machine, the cut spreads its power over neighbouring frequencies (seen:
+        # 0.017 in one window, ~5e-6 in the rest).
+        end = samples[-len(samples) // 4 :]
+        assert tone_power(end, RATE, TONES["speaker"]) < ABSENT, who
+        assert max(shares[-len(shares) // 4 :]) < 0.05, who
 
 
 def _account_id(c: Cast, handle: str) -> int:
@@ -150,14 +175,12 @@ def test_dropped_peer_is_removed_and_the_mix_carries_on(live: Cast) -> None:
                 await asyncio.sleep(0.1)
             vanished.location = None  # nothing to DELETE: the server already forgot it
             await vanished.close()
-            track = await subs["speaker"].remote_track()
-            # Decoded audio waits in the receiver while nobody reads it: take 3 s and judge
-            # the last second, which was mixed after the drop.
-            return (await record_timed(track, 3.0)).samples
+            track = await _caught_up(await subs["speaker"].remote_track())
+            return (await record_timed(track, 1.0)).samples  # all of it mixed after the drop
         finally:
             await _close(pubs, subs)
 
-    samples = asyncio.run(scenario())[-RATE:]
+    samples = asyncio.run(scenario())
     assert tone_power(samples, RATE, TONES["cohost"]) > 0.5  # the others carry on
     assert tone_power(samples, RATE, TONES["speaker2"]) < ABSENT
 

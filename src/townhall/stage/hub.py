@@ -174,7 +174,8 @@ class StageHub:
     # -- what the node is told -----------------------------------------------------------------
 
     def levels(self) -> dict[str, dict[str, float]]:
-        return {space_id: dict(room.levels) for space_id, room in self.rooms.items()}
+        """Per space, each speaker's peak level since the last call (``Room.take_levels``)."""
+        return {space_id: room.take_levels() for space_id, room in self.rooms.items()}
 
     def stats(self) -> dict[str, Any]:
         """Per room: peers, tick lateness quantiles over the last 10 minutes (to 0.1 ms below

@@ -278,7 +278,8 @@ class Room:
         self.peers: dict[str, Peer] = {}
         self.program_sinks: list[Callable[[MixOutput], None]] = []
         self.lateness = LatenessWindow()
-        self.levels: dict[str, float] = {}
+        # Per speaker, the loudest tick since the levels were last taken (``take_levels``).
+        self._peaks: dict[str, float] = {}
         # Wall-clock time of the last tick that mixed each speaker's (unmuted) audio in.
         self.last_mixed: dict[str, float] = {}
         self.on_peer_closed: Callable[[Peer], None] | None = None
@@ -400,7 +401,10 @@ class Room:
             late = self.now() - deadline
             self.lateness.add(late)
             out = self.mixer.tick(deadline)
-            self.levels = out.levels
+            peaks = self._peaks
+            for speaker, level in out.levels.items():
+                if level > peaks.get(speaker, -120.0):
+                    peaks[speaker] = level
             wall = time.time()
             for speaker, level in out.levels.items():
                 if level > -120.0:
@@ -416,6 +420,13 @@ class Room:
                 sink(out)
             if late > 1.0:  # a stall longer than a second: restart the schedule, do not burst
                 start, n = self.now(), 0
+
+    def take_levels(self) -> dict[str, float]:
+        """Each present speaker's loudest 20 ms level (dBFS) since the last call: the "who is
+        speaking" indicator holds its peak over the reporting interval, so one lost or late
+        frame just before a report does not show a talking speaker as silent."""
+        peaks, self._peaks = self._peaks, {}
+        return {speaker: peaks.get(speaker, -120.0) for speaker in self.mixer.speakers}
 
     @property
     def encoder_dropped(self) -> int:
