@@ -17,7 +17,7 @@ which the load generators' own CPU does not blur: they share the machine's two c
 
 1. **Simple commands** (the peer): ``redis-benchmark -t incr -c 50 -n N`` (no pipelining):
    INCRs per Redis CPU-second, the ceiling of one thread for the cheapest command.
-2. **A waiting-room counter update, as the admission code makes it** (``RedisQueueStore``):
+2. **A waiting-room counter update, as the admission code first made it** (``RedisQueueStore``):
    ``WATCH`` the space's hash, ``HGETALL`` it (64 fields: four counters and 60 ticket-expiry
    buckets, a 600 s ticket life in 10 s buckets), then ``MULTI``, ``DEL``, ``HSET`` of every
    field, ``EXPIRE``, ``EXEC``; retried when another client changed the key in between.
@@ -28,6 +28,11 @@ which the load generators' own CPU does not blur: they share the machine's two c
 3. **The same update as one Lua script** (``EVALSHA``): read the hash, add one to a counter and
    to a bucket, write back the fields that changed, ``EXPIRE``. The same clients and time.
    Ratio = script ÷ transaction, per Redis CPU-second, with ``--clients`` clients.
+4. **The waiting room's own store** (``RedisQueueStore.join``, the script the admission code
+   runs for every join, waiting-room return and renewal) on a space whose hash holds 60
+   ticket-expiry buckets, as in a storm, with a rate so low that every join after the first
+   queues (the storm's common case). The same clients and time. This is the figure the
+   planner takes for one key's ceiling (``redis_key_updates_per_s_script``).
 
 The clients are Python on the same two cores, so updates per second say more about them and
 about the machine's other work (the run reports the load average) than about Redis; the
@@ -42,6 +47,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -56,6 +62,9 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
+
+from townhall.admission import waiting_room as wr
+from townhall.admission.queue_store import RedisQueueStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY = "bench:plan:space"
@@ -181,6 +190,12 @@ async def load(url: str, kind: str, clients: int, seconds: float, idle: float) -
     pool = aioredis.ConnectionPool.from_url(url, decode_responses=True, max_connections=clients)
     r = aioredis.Redis(connection_pool=pool)
     sha = await r.script_load(LUA)
+    store = RedisQueueStore(url, prefix="bench:wr:")
+    space, now = "space", time.time()
+    cap = wr.Capacity(max_active=10**9, rate=1e-9, burst=1, ticket_ttl=600.0)
+    full = wr.Counters(active={math.ceil(now / cap.bucket_seconds) + i: 1000 for i in range(BUCKETS)})
+    sync.delete(store.prefix + space)
+    sync.hset(store.prefix + space, mapping=full.to_fields())
     done = aborted = 0
     stop = time.monotonic() + seconds
 
@@ -190,8 +205,11 @@ async def load(url: str, kind: str, clients: int, seconds: float, idle: float) -
         while time.monotonic() < stop:
             if kind == "transaction":
                 aborted += await transaction_update(r)
-            else:
+            elif kind == "script":
                 await r.evalsha(sha, 1, KEY, f"b{1000 + (n + k) % BUCKETS}", repr(time.time()))
+            else:
+                t = time.time()
+                await store.join(space, cap, t, t + cap.ticket_ttl, elsewhere_ok=True)
             done += 1
             n += 1
 
@@ -201,7 +219,8 @@ async def load(url: str, kind: str, clients: int, seconds: float, idle: float) -
     cpu = max(1e-6, redis_cpu_s(sync) - cpu0 - idle * wall)
     await r.aclose()
     await pool.aclose()
-    sync.delete(KEY)
+    await store.close()
+    sync.delete(KEY, store.prefix + space)
     commands = 7 if kind == "transaction" else 1
     return {
         "kind": kind,
@@ -227,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         incr = incr_peer(url, args.requests, idle)
         runs = {
             f"{kind}_{n}": asyncio.run(load(url, kind, n, args.seconds, idle))
-            for kind in ("transaction", "script")
+            for kind in ("transaction", "script", "store")
             for n in (1, args.clients)
         }
     tx, script = runs[f"transaction_{args.clients}"], runs[f"script_{args.clients}"]
@@ -262,7 +281,11 @@ def table(result: dict[str, Any]) -> str:
         f"| INCR (redis-benchmark, 50 connections) | {incr['rps']:,.0f} "
         f"| {incr['redis_cpu_s'] / incr['wall_s']:.2f} | {incr['per_redis_cpu_s']:,.0f} | - |",
     ]
-    names = {"transaction": "WATCH/MULTI update (as RedisQueueStore)", "script": "one Lua script"}
+    names = {
+        "transaction": "WATCH/MULTI update (the first RedisQueueStore)",
+        "script": "one Lua script",
+        "store": "RedisQueueStore.join (its Lua script, 60 buckets)",
+    }
     for m in (v for v in w.values() if isinstance(v, dict)):
         rows.append(
             f"| {names[m['kind']]}, {m['clients']} client(s) on one key | {m['updates_per_s']:,.0f} "

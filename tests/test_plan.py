@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -214,14 +215,47 @@ def test_a_measured_redis_key_ceiling_replaces_the_derived_one() -> None:
     }
     a = Assumptions()
     derived = capacity.fleet_plan(Stream(10**6), resolve({}, {}), a)
-    assert derived.redis_key_ceiling_per_s == pytest.approx(100_000 / 7 * 0.7)
+    assert derived.redis_key_ceiling_per_s == pytest.approx(100_000 / 10 * 0.7)
     inputs = resolve({"redis.json": redis}, {})
     assert inputs["redis_ops_per_core"].value == 200_000.0
     assert inputs["redis_key_updates_per_s_script"].source.endswith("script_16.updates_per_redis_cpu_s")
+    # The waiting room runs one Lua script per operation: its rate, not the transaction's.
     measured = capacity.fleet_plan(Stream(10**6), inputs, a)
-    assert measured.redis_key_ceiling_per_s == pytest.approx(5_000 * 0.7)
+    assert measured.redis_key_ceiling_per_s == pytest.approx(20_000 * 0.7)
+    # The store's own script, when measured, is preferred to the stand-in script.
+    redis["waiting_room_update"]["store_16"] = {"updates_per_redis_cpu_s": 12_000.0}
+    store = resolve({"redis.json": redis}, {})
+    assert store["redis_key_updates_per_s_script"].source.endswith("store_16.updates_per_redis_cpu_s")
+    assert capacity.fleet_plan(Stream(10**6), store, a).redis_key_ceiling_per_s == pytest.approx(8_400)
+
+
+def test_the_plan_splits_a_spaces_counters_when_one_thread_cannot_take_them() -> None:
+    """The storm's busiest updates of one space's waiting-room counters, over what one Redis
+    thread serialises, is the number of keys (on as many primaries) the counters need; a
+    storm one thread takes needs no split."""
+    inputs = resolve({}, {})
+    a = Assumptions()
     plan = make_plan(Stream(8_000_000), inputs, a, StormSpec())
-    assert any("as one script a thread takes 14,000/s (measured)" in note for note in plan.notes)
+    ceiling = plan.fleet.redis_key_ceiling_per_s
+    assert plan.hot_key_peak > ceiling
+    assert plan.counter_splits == math.ceil(plan.hot_key_peak / ceiling)
+    assert (plan.counter_splits - 1) * ceiling < plan.hot_key_peak <= plan.counter_splits * ceiling
+    assert plan.redis_shards >= plan.counter_splits  # keys on one primary share its thread
+    note = next(n for n in plan.notes if "waiting-room counters" in n)
+    assert f"split over {plan.counter_splits} keys on {plan.counter_splits} Redis primaries" in note
+    # Every admission request is one update of the counters plus the limit hits.
+    busiest = max(plan.load, key=lambda p: p.admission_requests_per_s)
+    assert busiest.hot_key_updates_per_s == busiest.admission_requests_per_s
+    assert busiest.redis_commands_per_s == pytest.approx(
+        busiest.admission_requests_per_s * (a.redis_limit_hits + 1)
+    )
+    # Returns read without a write leave first joins, admissions and renewals.
+    assert 0 < busiest.hot_key_writes_if_returns_read_per_s < busiest.hot_key_updates_per_s
+
+    small = make_plan(Stream(100_000), inputs, a, StormSpec(first_minute=10_000))
+    assert small.hot_key_peak <= small.fleet.redis_key_ceiling_per_s
+    assert small.counter_splits == 1
+    assert not any("waiting-room counters" in n for n in small.notes)
 
 
 def test_renewals_go_on_while_the_queue_drains_past_the_curve() -> None:

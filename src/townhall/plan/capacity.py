@@ -9,6 +9,13 @@ whole audience and the origin sees at most one request per object per edge (requ
 ``proxy_cache_lock``). An edge is full at whichever comes first: its CPU, its NIC, or the memory
 of the connections it holds. Admission (joins, waiting-room returns, ticket renewals) is not
 cacheable: it reaches the townhall nodes and, for shared counters and limits, Redis.
+
+Every admission request also updates its space's waiting-room counters: one call of the
+waiting-room script (``admission/queue_store.py``) on the space's one hash. A Redis primary
+runs commands on one thread, so however many primaries there are, one space's counters are
+served by one thread at the rate measured for that script (``bench/bench_redis.py``); when a
+storm asks for more, the fleet needs the space's counters split over several keys on as many
+primaries, and the plan says how many.
 """
 
 from __future__ import annotations
@@ -69,14 +76,12 @@ class Assumptions:
     state_max_age: float = 1.0  # the state document's Cache-Control max-age
     ticket_ttl_seconds: float = 600.0
     renew_at: float = 0.8  # the page renews at this fraction of a ticket's life
-    # Redis commands per admission request, as the admission code makes them: 3 limit hits
-    # (address, /24 network, account or proof), then the space's counters under WATCH/MULTI
-    # (WATCH, HGETALL, MULTI, DEL, HSET, EXPIRE, EXEC); a waiting-room return also GETBITs its
-    # arrival number, and SETBITs and EXPIREs it when admitted.
+    # Redis per admission request (a join, a waiting-room return, a renewal), as the admission
+    # code makes them: 3 limit hits (address, /24 network, account or proof), then one call of
+    # the waiting-room script on the space's counters (its GETBIT/SETBIT of a queue token's
+    # number included).
     redis_limit_hits: int = 3
-    redis_update_commands: int = 7
-    redis_claim_extra: int = 1
-    redis_admit_extra: int = 2
+    redis_script_incrs: float = 10.0  # one script call's Redis CPU in INCRs, if not measured
     spaces: int = 1
 
     def per_edge_wire_limit_bps(self) -> float:
@@ -238,12 +243,51 @@ def origin_plan(
     )
 
 
-def redis_commands(kind: str, a: Assumptions, admitted: bool = False) -> int:
-    """Redis commands one admission request of ``kind`` ("join", "return", "renew") costs."""
-    n = a.redis_limit_hits + a.redis_update_commands
-    if kind == "return":
-        n += a.redis_claim_extra + (a.redis_admit_extra if admitted else 0)
-    return n
+def counter_update_ceiling(inputs: Mapping[str, Figure], a: Assumptions) -> float:
+    """Updates per second one Redis thread takes on one space's waiting-room counters, at the
+    utilisation ceiling: the store's Lua script as measured; else the older WATCH/MULTI
+    transaction as measured (a lower bound); else derived from the INCR rate."""
+    script = inputs["redis_key_updates_per_s_script"].value
+    transaction = inputs["redis_key_updates_per_s"].value
+    if script > 0:
+        per_cpu_s = script
+    elif transaction > 0:
+        per_cpu_s = transaction
+    else:
+        per_cpu_s = inputs["redis_ops_per_core"].value / a.redis_script_incrs
+    return per_cpu_s * a.utilisation
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisLoad:
+    """What admission requests ask of Redis."""
+
+    commands_per_s: float
+    counter_updates_per_s: float  # waiting-room script calls, all on the space's counters
+    cores: float  # Redis CPU-seconds a second: limit hits at the INCR rate, updates at the script's
+
+
+def redis_load(admission_per_s: float, inputs: Mapping[str, Figure], a: Assumptions) -> RedisLoad:
+    """Redis load of ``admission_per_s`` joins, waiting-room returns and renewals."""
+    hits = admission_per_s * a.redis_limit_hits
+    per_update = counter_update_ceiling(inputs, a) / a.utilisation
+    return RedisLoad(
+        commands_per_s=hits + admission_per_s,
+        counter_updates_per_s=admission_per_s,
+        cores=hits / inputs["redis_ops_per_core"].value + admission_per_s / per_update,
+    )
+
+
+def counter_splits(updates_per_s: float, inputs: Mapping[str, Figure], a: Assumptions) -> int:
+    """Keys (each on its own primary: keys on one primary share its thread) one space's
+    waiting-room counters must be split over to take ``updates_per_s``."""
+    return max(1, math.ceil(updates_per_s / counter_update_ceiling(inputs, a)))
+
+
+def redis_primaries(peak: RedisLoad, inputs: Mapping[str, Figure], a: Assumptions) -> int:
+    """Redis primaries for the peak: enough CPU, and one per split of the space's counters."""
+    by_cpu = math.ceil(peak.cores / a.utilisation)
+    return max(1, by_cpu, counter_splits(peak.counter_updates_per_s, inputs, a))
 
 
 def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> FleetPlan:
@@ -253,9 +297,6 @@ def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> 
     one = listener_load(stream, inputs, a)
     edges = edge_plan(stream, one, inputs, a)
     origin = origin_plan(stream, one, edges, inputs, a)
-    measured = inputs["redis_key_updates_per_s"].value
-    per_key = measured if measured > 0 else inputs["redis_ops_per_core"].value / a.redis_update_commands
-    ceiling = per_key * a.utilisation
     notes = []
     playlist_share = (
         one.playlists_per_s * wire_bytes(inputs["playlist_bytes"].value + a.response_header_bytes)
@@ -265,20 +306,13 @@ def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> 
             f"playlists are {playlist_share:.0%} of what the edges send: compressing them at the edge, "
             "or delta updates (EXT-X-SKIP, RFC 8216bis 6.2.5.1), would cut that share"
         )
-    renewals = stream.listeners * one.renewals_per_s
-    if renewals > ceiling:
-        notes.append(
-            f"ticket renewals alone ({renewals:,.0f}/s) pass what one Redis key takes "
-            f"({ceiling:,.0f} counter updates/s): every update of a space's waiting-room counters "
-            "is one WATCH/MULTI transaction on one key, on one Redis thread"
-        )
     return FleetPlan(
         stream=stream,
         listener=one,
         edges=edges,
         origin=origin,
-        renewals_per_s=renewals,
-        redis_key_ceiling_per_s=ceiling,
+        renewals_per_s=stream.listeners * one.renewals_per_s,
+        redis_key_ceiling_per_s=counter_update_ceiling(inputs, a),
         notes=tuple(notes),
     )
 
@@ -286,7 +320,3 @@ def fleet_plan(stream: Stream, inputs: Mapping[str, Figure], a: Assumptions) -> 
 def node_processes(requests_per_s: float, inputs: Mapping[str, Figure], a: Assumptions) -> int:
     """Townhall node processes (one core each) to answer ``requests_per_s`` admission requests."""
     return max(1, math.ceil(requests_per_s / (inputs["joins_per_core"].value * a.utilisation)))
-
-
-def redis_shards(commands_per_s: float, inputs: Mapping[str, Figure], a: Assumptions) -> int:
-    return max(1, math.ceil(commands_per_s / (inputs["redis_ops_per_core"].value * a.utilisation)))

@@ -46,7 +46,12 @@ class LoadPoint:
     admission_requests_per_s: float
     node_processes_busy: float
     redis_commands_per_s: float
-    hot_key_updates_per_s: float
+    redis_cores: float
+    hot_key_updates_per_s: float  # waiting-room script calls on the space's counters
+    # The same if a waiting-room return whose number is not yet released were answered from
+    # a node's copy of the released counter, without a write (first joins, admissions from
+    # the room and renewals still write).
+    hot_key_writes_if_returns_read_per_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,9 @@ class Plan:
     node_processes: int
     node_machines: int
     redis_commands_peak: float
-    redis_shards: int
+    redis_cores_peak: float
+    redis_shards: int  # primaries: for the CPU, and one per split of the space's counters
+    counter_splits: int  # keys (on as many primaries) the space's waiting-room counters need
     hot_key_peak: float
     notes: tuple[str, ...]
 
@@ -74,17 +81,10 @@ def storm_load(
     one, edges = fleet.listener, fleet.edges
     per_edge_origin = fleet.origin.objects_per_s_per_edge * a.spaces
     per_process = inputs["joins_per_core"].value
-    update = a.redis_limit_hits + a.redis_update_commands
     points = []
     for s in result.samples:
-        first, back, renew = s.joins_per_s, s.returns_per_s, s.renewals_per_s
-        admission = first + back + renew
-        redis = (
-            first * update
-            + back * (update + a.redis_claim_extra)
-            + s.admitted_from_queue_per_s * a.redis_admit_extra
-            + renew * update
-        )
+        admission = s.joins_per_s + s.returns_per_s + s.renewals_per_s
+        redis = capacity.redis_load(admission, inputs, a)
         points.append(
             LoadPoint(
                 t=s.t,
@@ -96,8 +96,12 @@ def storm_load(
                 origin_requests_per_s=min(edges.deployed, s.admitted) * per_edge_origin,
                 admission_requests_per_s=admission,
                 node_processes_busy=admission / per_process,
-                redis_commands_per_s=redis,
-                hot_key_updates_per_s=admission,
+                redis_commands_per_s=redis.commands_per_s,
+                redis_cores=redis.cores,
+                hot_key_updates_per_s=redis.counter_updates_per_s,
+                hot_key_writes_if_returns_read_per_s=s.joins_per_s
+                + s.admitted_from_queue_per_s
+                + s.renewals_per_s,
             )
         )
     return points
@@ -130,22 +134,22 @@ def make_plan(
     processes += math.ceil(processes * a.spare)
     redis_peak = max([p.redis_commands_per_s for p in load] + [0.0])
     hot = max([p.hot_key_updates_per_s for p in load] + [steady])
+    peak = capacity.redis_load(hot, inputs, a)
     notes = list(fleet.notes)
-    script = inputs["redis_key_updates_per_s_script"].value
-    if hot > fleet.redis_key_ceiling_per_s:
+    splits = capacity.counter_splits(hot, inputs, a)
+    if splits > 1:
+        read_returns = max([p.hot_key_writes_if_returns_read_per_s for p in load] + [steady])
         notes.append(
-            f"the space's waiting-room key takes up to {hot:,.0f} updates/s in the storm, "
-            f"{hot / fleet.redis_key_ceiling_per_s:.1f}x what one Redis thread can serialise "
-            f"({fleet.redis_key_ceiling_per_s:,.0f}/s): the plan needs the counter update as one "
-            "server-side script (1 command, no WATCH retries) or the space's counters split "
-            "over several keys, and waiting-room returns answered without a write while the "
-            "arrival number is not yet released"
-            + (
-                f"; as one script a thread takes {script * a.utilisation:,.0f}/s (measured), "
-                f"{hot / (script * a.utilisation):.1f}x short"
-                if script > 0
-                else ""
-            )
+            f"one space's waiting-room counters take up to {hot:,.0f} updates/s in the storm, "
+            f"{hot / fleet.redis_key_ceiling_per_s:.1f}x what one Redis thread serialises "
+            f"({fleet.redis_key_ceiling_per_s:,.0f}/s, one Lua script call per update): the fleet "
+            f"needs each space's counters split over {splits} keys on {splits} Redis primaries "
+            "(keys on one primary share its thread), a joiner hashed to one split that holds "
+            f"1/{splits} of the space's rate, burst and cap with its own arrival numbers, its "
+            "queue token and ticket naming the split; answering waiting-room returns whose number "
+            "is not yet released from each node's copy of the released counter, without a write, "
+            f"would leave {read_returns:,.0f} updates/s "
+            f"({capacity.counter_splits(read_returns, inputs, a)} split(s))"
         )
     if result.returns > result.admitted:
         notes.append(
@@ -165,7 +169,9 @@ def make_plan(
         node_processes=processes,
         node_machines=math.ceil(processes / a.node_cores),
         redis_commands_peak=redis_peak,
-        redis_shards=capacity.redis_shards(redis_peak, inputs, a),
+        redis_cores_peak=max([p.redis_cores for p in load] + [peak.cores]),
+        redis_shards=capacity.redis_primaries(peak, inputs, a),
+        counter_splits=splits,
         hot_key_peak=hot,
         notes=tuple(notes),
     )

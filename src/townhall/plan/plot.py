@@ -109,9 +109,8 @@ def write_png(plan: Plan, path: Path) -> None:
         labels=["first joins", "waiting-room returns", "ticket renewals"],
         colors=["#c47a2c", "#d08fd4", "#8fb3d9"],
     )
-    ax.axhline(
-        plan.fleet.redis_key_ceiling_per_s / 1e3, color="#c44", ls="--", lw=1, label="one Redis key's ceiling"
-    )
+    ceiling = plan.fleet.redis_key_ceiling_per_s / 1e3
+    ax.axhline(ceiling, color="#c44", ls="--", lw=1, label="counter updates one Redis thread takes")
     ax.set_ylabel("admission requests/s, thousands")
     ax2 = ax.twinx()
     ax2.plot(
@@ -119,7 +118,11 @@ def write_png(plan: Plan, path: Path) -> None:
     )
     ax2.set_ylabel("Redis commands/s, thousands")
     ax2.set_ylim(bottom=0)
-    ax.set_title(f"{plan.node_processes} node processes, {plan.redis_shards} Redis shard(s)", fontsize=10)
+    ax.set_title(
+        f"{plan.node_processes} node processes, {plan.redis_shards} Redis primaries, "
+        f"counters split {plan.counter_splits} ways",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="upper right")
     ax2.legend(fontsize=7, loc="center right")
 

@@ -46,9 +46,9 @@ def render(plan: Plan) -> list[str]:
         f"(with the ticket cookie); TLS 1.3 ({TLS_OVERHEAD} B per record), TCP/IP "
         f"({TCP_IP_HEADER} B per {MSS} B segment)",
         f"  tickets live {a.ticket_ttl_seconds:g} s and are renewed at {a.renew_at:.0%} of their life",
-        f"  Redis commands per admission request: {a.redis_limit_hits} limit hits + "
-        f"{a.redis_update_commands} for the space's counters (WATCH/MULTI); a waiting-room return "
-        f"+{a.redis_claim_extra}, +{a.redis_admit_extra} when admitted",
+        f"  Redis per admission request (join, waiting-room return, renewal): {a.redis_limit_hits} "
+        "limit hits + 1 call of the waiting-room script on the space's counters; a Redis primary "
+        "runs them on one thread",
         f"  a townhall node process uses one core; machines of {a.node_cores} cores",
         f"  {a.spaces} space(s) through the edges (origin load counts each; the listeners are of one); "
         "a space's stage and packager are pinned to one media node, the origin of its objects",
@@ -104,9 +104,11 @@ def render(plan: Plan) -> list[str]:
         f"  townhall node processes for admission: {plan.node_processes} "
         f"({plan.node_machines} machines of {a.node_cores} cores)",
         "  media node for the space (stage, packager, origin): 1, and a standby to re-home to",
-        f"  Redis: {plan.redis_shards} shard(s) for {_n(plan.redis_commands_peak)} commands/s at the peak; "
-        f"the space's counter key takes {_n(plan.hot_key_peak)} updates/s "
-        f"(one thread serialises about {_n(f.redis_key_ceiling_per_s)})",
+        f"  Redis: {plan.redis_shards} primaries: {_n(plan.redis_commands_peak)} commands/s at the "
+        f"peak ({plan.redis_cores_peak:.1f} Redis cores); the space's waiting-room counters take "
+        f"{_n(plan.hot_key_peak)} updates/s against {_n(f.redis_key_ceiling_per_s)}/s on one "
+        f"thread: split over {plan.counter_splits} key(s) on as many primaries"
+        + (" (not what the admission code does yet: one key per space)" if plan.counter_splits > 1 else ""),
         "  PostgreSQL: 1 primary (joins and renewals do not write to it; each node reads a space's "
         "state once a second)",
         f"  bandwidth: {edges.egress_gbps:,.1f} Gb/s from the edges, {origin.egress_mbps:,.1f} Mb/s "
@@ -152,6 +154,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "node_machines": plan.node_machines,
             "media_nodes": 1,
             "redis_shards": plan.redis_shards,
+            "redis_cores_peak": plan.redis_cores_peak,
+            "redis_counter_splits": plan.counter_splits,
             "redis_commands_peak": plan.redis_commands_peak,
             "redis_hot_key_peak": plan.hot_key_peak,
             "redis_key_ceiling": plan.fleet.redis_key_ceiling_per_s,
