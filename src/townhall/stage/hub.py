@@ -23,7 +23,7 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
 from townhall.audience.packager import Packager, PartReady
 from townhall.stage.channel import StageError
-from townhall.stage.room import Peer, Room
+from townhall.stage.room import Peer, Room, StageClock
 from townhall.storage.media_store import MediaStore, PartRecord
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class StageHub:
         self.part_target = part_target
         self.bitrate = bitrate
         self._ice = [RTCIceServer(urls=u) for u in ice_servers]
+        self.clock = StageClock()  # one 20 ms clock and encoder thread for every room
 
     # -- rooms ---------------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ class StageHub:
         """The space's room, created (with its packager and clock) on first use."""
         room = self.rooms.get(space_id)
         if room is None:
-            room = self.rooms[space_id] = Room(space_id)
+            room = self.rooms[space_id] = Room(space_id, self.clock)
             loop = asyncio.get_running_loop()
             # A space that ran before (a restart of this process or of the node) continues its
             # part numbering in a new epoch: a discontinuity, nothing overwritten.
@@ -103,6 +104,7 @@ class StageHub:
         no recording is marked finished."""
         for space_id in list(self.rooms):
             await self.end(space_id, finished=False)
+        await self.clock.close()
 
     # -- sessions ------------------------------------------------------------------------------
 

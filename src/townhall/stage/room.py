@@ -3,11 +3,12 @@
 The I/O edge of the stage. Inbound speaker audio is decoded on the event loop as each Opus
 frame leaves aiortc's receive jitter buffer (``InlineDecoding``: a mono libopus decode is ~50 µs,
 less than the hand-over to aiortc's per-speaker decoder thread and back, which woke the loop
-twice per packet), converted to 20 ms mono frames and pushed into the ``Mixer``. A clock task
-ticks every 20 ms against absolute deadlines (no drift); each tick's program mix goes to the
-program sinks (the packager), and the frames for the outbound WebRTC tracks (mix-minus for a
-speaker, program for a host's monitor) go to the room's encoder thread, which turns them into
-Opus packets, one encoder per track, and hands each track its packet. aiortc's sender then only
+twice per packet), converted to 20 ms mono frames and pushed into the ``Mixer``. One clock task
+per process (``StageClock``) ticks every room every 20 ms against absolute deadlines (no
+drift); each tick's program mix goes to the program sinks (the packager), and the frames for
+the outbound WebRTC tracks (mix-minus for a speaker, program for a host's monitor) of every
+room go to the process's one encoder thread, which turns them into Opus packets, one encoder
+per track, and hands each track its packet. aiortc's sender then only
 packetises: no second encode on its thread pool, no per-sample audio-level loop in Python.
 Every queue on the way is bounded and drops its oldest entry when full: a slow consumer loses
 audio, it never delays the mixer. Tick lateness is recorded for measurement.
@@ -272,7 +273,7 @@ class Peer:
 class Room:
     """The stage of one space on this node."""
 
-    def __init__(self, space_id: str, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, space_id: str, clock: StageClock | None = None) -> None:
         self.space_id = space_id
         self.mixer = Mixer()
         self.peers: dict[str, Peer] = {}
@@ -283,33 +284,25 @@ class Room:
         # Wall-clock time of the last tick that mixed each speaker's (unmuted) audio in.
         self.last_mixed: dict[str, float] = {}
         self.on_peer_closed: Callable[[Peer], None] | None = None
-        self._clock_task: asyncio.Task[None] | None = None
-        self._encoder: _Encoder | None = None
+        # The process's clock (shared by every room), or one of its own.
+        self._own_clock = clock is None
+        self._clock = StageClock() if clock is None else clock
         self._background: set[asyncio.Task[bool]] = set()
-        self._loop_time = clock
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def ensure_running(self) -> None:
-        if self._clock_task is None:
-            self._clock_task = asyncio.create_task(self._run_clock(), name=f"stage-clock-{self.space_id}")
-        if self._encoder is None:
-            self._encoder = _Encoder(f"opus-{self.space_id}")
+        self._clock.add(self)
 
     async def close(self) -> None:
         for peer in list(self.peers.values()):
             await self.drop(peer.id)
-        if self._clock_task is not None:
-            self._clock_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._clock_task
-            self._clock_task = None
-        if self._encoder is not None:
-            await asyncio.to_thread(self._encoder.close)
-            self._encoder = None
+        self._clock.remove(self)
+        if self._own_clock:
+            await self._clock.close()
 
     def now(self) -> float:
-        return self._loop_time() if self._loop_time else asyncio.get_running_loop().time()
+        return asyncio.get_running_loop().time()
 
     # -- peers ---------------------------------------------------------------------------------
 
@@ -389,37 +382,25 @@ class Room:
 
     # -- the clock -----------------------------------------------------------------------------
 
-    async def _run_clock(self) -> None:
-        start = self.now()
-        n = 0
-        while True:
-            n += 1
-            deadline = start + n * TICK
-            delay = deadline - self.now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            late = self.now() - deadline
-            self.lateness.add(late)
-            out = self.mixer.tick(deadline)
-            peaks = self._peaks
-            for speaker, level in out.levels.items():
-                if level > peaks.get(speaker, -120.0):
-                    peaks[speaker] = level
-            wall = time.time()
-            for speaker, level in out.levels.items():
-                if level > -120.0:
-                    self.last_mixed[speaker] = wall
-            work = [
-                (peer.track, out.program if peer.speaker == "*" else out.minus.get(peer.speaker, out.program))
-                for peer in self.peers.values()
-                if peer.track is not None and peer.track.wanted
-            ]
-            if work and self._encoder is not None:
-                self._encoder.submit(work)
-            for sink in self.program_sinks:
-                sink(out)
-            if late > 1.0:  # a stall longer than a second: restart the schedule, do not burst
-                start, n = self.now(), 0
+    def tick(self, deadline: float, late: float) -> list[tuple[MixTrack, Frame]]:
+        """One 20 ms tick (called by the clock): mix, hand the program to its sinks, and return
+        the frames the outbound tracks are to carry, for the clock's encoder thread."""
+        self.lateness.add(late)
+        out = self.mixer.tick(deadline)
+        peaks = self._peaks
+        wall = time.time()
+        for speaker, level in out.levels.items():
+            if level > peaks.get(speaker, -120.0):
+                peaks[speaker] = level
+            if level > -120.0:
+                self.last_mixed[speaker] = wall
+        for sink in self.program_sinks:
+            sink(out)
+        return [
+            (peer.track, out.program if peer.speaker == "*" else out.minus.get(peer.speaker, out.program))
+            for peer in self.peers.values()
+            if peer.track is not None and peer.track.wanted
+        ]
 
     def take_levels(self) -> dict[str, float]:
         """Each present speaker's loudest 20 ms level (dBFS) since the last call: the "who is
@@ -430,5 +411,68 @@ class Room:
 
     @property
     def encoder_dropped(self) -> int:
-        """Ticks the encoder thread fell too far behind to encode (its queue was full)."""
+        """Ticks the clock's encoder thread fell too far behind to encode (its queue was full),
+        counted for the whole process when the clock is shared."""
+        return self._clock.encoder_dropped
+
+
+class StageClock:
+    """One 20 ms clock and one Opus encoder thread for every room of the process.
+
+    Every room ticks on the same absolute deadlines (no drift), so however many spaces the
+    process stages, the event loop wakes once per 20 ms for all of them and the encoder thread
+    is handed one batch per tick: N rooms each on a clock and a thread of their own woke the
+    loop and a thread N times per tick, at N different moments. A room is mixed in the order it
+    joined; one room's work never waits on another's I/O, only on its few hundred microseconds
+    of mixing."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[int, Room] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._encoder: _Encoder | None = None
+
+    def add(self, room: Room) -> None:
+        self._rooms[id(room)] = room
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="stage-clock")
+        if self._encoder is None:
+            self._encoder = _Encoder("opus-encoder")
+
+    def remove(self, room: Room) -> None:
+        self._rooms.pop(id(room), None)
+
+    @property
+    def encoder_dropped(self) -> int:
         return self._encoder.dropped if self._encoder is not None else 0
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._encoder is not None:
+            await asyncio.to_thread(self._encoder.close)
+            self._encoder = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        n = 0
+        while True:
+            n += 1
+            deadline = start + n * TICK
+            delay = deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            late = loop.time() - deadline
+            work: list[tuple[MixTrack, Frame]] = []
+            for room in list(self._rooms.values()):
+                try:
+                    work += room.tick(deadline, late)
+                except Exception:  # one room's bug must not silence every other room
+                    logger.exception("stage tick failed", extra={"space": room.space_id})
+            if work and self._encoder is not None:
+                self._encoder.submit(work)
+            if late > 1.0:  # a stall longer than a second: restart the schedule, do not burst
+                start, n = loop.time(), 0
