@@ -10,8 +10,10 @@ listeners are wrk connections running a Lua script that behaves as an LL-HLS pla
 ask for the playlist with a blocking reload of the next part (``_HLS_msn``/``_HLS_part`` from
 the last preload hint), then fetch the newest part it lists, and again. wrk's Lua state is per
 thread, so the connections of a thread move along the live edge together — as real players of
-one space do. The origin's own ``/metrics`` counts what reaches it; the parts produced over the
-window are the window divided by the part duration. The peer this is measured against is the
+one space do. The origin's own ``/metrics`` counts what reaches it, read ``--settle`` seconds
+after wrk stops (wrk closes every connection then, many of them waiting at the edge: what that
+costs the origin counts for the run); the parts produced over the window are the window
+divided by the part duration. The peer this is measured against is the
 ideal: one request per object per edge (a blocking playlist and a part per part: 2).
 
 Output: a table, ``bench/results/edge.json`` and ``bench/results/edge.png``
@@ -44,6 +46,7 @@ from townhall.stage.ice import restrict_host_addresses
 from townhall.stage.sources import ToneTrack
 
 PART_S = 0.4907  # the packager's part at the default 0.5 s target (one AAC frame short)
+SEGMENT_PARTS = 4  # the default hls_segment_parts
 
 LUA = """
 local space = "%(space)s"
@@ -58,12 +61,16 @@ request = function()
   end
   return wrk.format("GET", string.format("/hls/%%s/seg%%d.%%d.m4s", space, have_msn, have_part))
 end
+-- Only playlists are read (a part's body is not scanned), and only the preload hint in them:
+-- the newest listed part is the one before it. A thread's listeners only move forward.
 response = function(status, headers, body)
+  if string.byte(body, 1) ~= 35 then return end
   local m, p = string.match(body, 'PRELOAD%%-HINT:TYPE=PART,URI="seg(%%d+)%%.(%%d+)%%.m4s"')
   if m then
-    msn, part = tonumber(m), tonumber(p)
-    for lm, lp in string.gmatch(body, 'EXT%%-X%%-PART:[^\\n]-URI="seg(%%d+)%%.(%%d+)%%.m4s"') do
-      have_msn, have_part = tonumber(lm), tonumber(lp)
+    m, p = tonumber(m), tonumber(p)
+    if m > msn or (m == msn and p > part) then
+      msn, part = m, p
+      if p > 0 then have_msn, have_part = m, p - 1 else have_msn, have_part = m - 1, %(last_part)d end
     end
   end
 end
@@ -170,9 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "part": part,
                     "have_msn": have_msn,
                     "have_part": have_part,
+                    "last_part": SEGMENT_PARTS - 1,
                 }
                 + DONE
             )
+            access_log = prefix / "access.log"
+            log_from = access_log.stat().st_size if access_log.exists() else 0
             counts0 = origin_counts(server.base)
             before, cpu0, t0 = sum(counts0.values()), session_cpu_seconds(edge.pid), time.monotonic()
             threads = 2 if n >= 2 else 1
@@ -193,8 +203,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 check=False,
             )
             wall = time.monotonic() - t0
+            cpu1 = session_cpu_seconds(edge.pid)
+            # What the run's listeners cost the origin after they left (a waiter's turn on the
+            # lock comes round every 500 ms, up to the lock's timeout) is counted for the run.
+            time.sleep(args.settle)
             counts1 = origin_counts(server.base)
-            after, cpu1 = sum(counts1.values()), session_cpu_seconds(edge.pid)
+            after = sum(counts1.values())
             by_kind = {k: v - counts0.get(k, 0.0) for k, v in counts1.items() if v - counts0.get(k, 0.0) > 0}
             line = next((x for x in out.stdout.splitlines() if x.startswith("EDGE_JSON ")), None)
             if line is None:
@@ -215,12 +229,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "parts": round(parts, 1),
                 "origin_requests_per_part": round((after - before) / parts, 2),
                 "edge_cores": round(edge_cores, 3),
+                "edge_requests_per_cpu_s": round(w["requests"] / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
                 "listeners_per_edge_core": round(n / edge_cores) if edge_cores > 0 else None,
             }
+            if args.trace:
+                time.sleep(1.5)  # the access log's buffer is flushed every second
+                row.update(collapse(access_log, log_from))
             print(
                 f"{n:>6} listeners: origin {row['origin_requests_per_part']:.2f} req/part, "
                 f"edge {w['requests'] / wall:,.0f} req/s on {edge_cores:.2f} cores, "
-                f"p50 {row['p50_ms']:.0f} ms p99 {row['p99_ms']:.0f} ms, non-2xx {w['status']}",
+                f"p50 {row['p50_ms']:.0f} ms p99 {row['p99_ms']:.0f} ms, non-2xx {w['status']}"
+                + (
+                    f"; {row['objects']} objects asked, {row['origin_fetches_per_object']:.2f} origin "
+                    f"fetches each (most {row['most_fetches_of_one_object']})"
+                    if args.trace
+                    else ""
+                ),
                 flush=True,
             )
             return row
@@ -234,6 +258,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["command"] = " ".join([".venv/bin/python bench/bench_edge.py", *sys.argv[1:]])
     results["git"] = git_state()
     return results
+
+
+def collapse(access_log: Path, start: int) -> dict[str, Any]:
+    """From the edge's access log (``--trace``) since byte ``start``: the listener objects asked
+    for (distinct paths with their blocking-reload parameters) and how many times each reached
+    the origin (requests with an upstream status): 1 is perfect collapsing."""
+    fetches: dict[str, int] = {}
+    with access_log.open("rb") as f:
+        f.seek(start)
+        for raw in f:
+            fields = raw.decode("latin-1").split()
+            if len(fields) < 9 or not fields[1].startswith("/hls/"):
+                continue
+            fetches[fields[1]] = fetches.get(fields[1], 0) + (fields[8] != "-")
+    objects, total = len(fetches), sum(fetches.values())
+    return {
+        "objects": objects,
+        "origin_fetches": total,
+        "origin_fetches_per_object": round(total / objects, 3) if objects else None,
+        "most_fetches_of_one_object": max(fetches.values(), default=0),
+    }
 
 
 TRACE_LOG = """log_format trace '$msec $request_uri $status $upstream_cache_status '
@@ -286,6 +331,13 @@ def main() -> None:
         "--listeners", default="100,1000,10000", type=lambda s: [int(x) for x in s.split(",")]
     )
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=11.0,
+        help="seconds after each run before the origin's counts are read (default 11: past the "
+        "edge's 10 s lock timeout, so requests the run's departing listeners cause count for it)",
+    )
     parser.add_argument(
         "--trace",
         action="store_true",
