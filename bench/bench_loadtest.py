@@ -97,10 +97,20 @@ def main() -> None:
     parser.add_argument("--join-rate", type=float, default=20.0, help="the space's admissions per second")
     parser.add_argument("--pause", type=float, default=15.0, help="seconds between scenarios")
     parser.add_argument(
+        "--pow-bits",
+        type=int,
+        default=None,
+        help="the node's pow_base_bits (default: as shipped); the generator solves every "
+        "legitimate joiner's proof on this machine's cores, which in the field each joiner's "
+        "own device does",
+    )
+    parser.add_argument(
         "--scenarios", default="listeners,join-storm,flood", help="which to run, comma-separated"
     )
     args = parser.parse_args()
     env = {"TOWNHALL_SPACE_JOIN_RATE": str(args.join_rate), "TOWNHALL_SPACE_JOIN_BURST": str(args.join_rate)}
+    if args.pow_bits is not None:
+        env["TOWNHALL_POW_BASE_BITS"] = str(args.pow_bits)
     RESULTS.mkdir(parents=True, exist_ok=True)
     reports: dict[str, object] = {"node_env": env, "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="townhall-bench-loadtest-") as tmp:
