@@ -98,12 +98,12 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    config: Config, *, keep_schema: bool = False, protocol: bool = False
+    config: Config, *, keep_schema: bool = False, protocol: bool = True
 ) -> Iterator[RunningServer]:
     """A node serving ``config`` in a thread; its PostgreSQL schema is dropped at the end unless
     ``keep_schema`` (another node of the same test still uses it). ``protocol``: listener
     requests answered in the HTTP protocol (``control/fastproto.py``), as ``townhall serve``
-    does; otherwise uvicorn's own protocol and the ASGI fast path."""
+    does; without it, uvicorn's own protocol and the ASGI fast path (``hls.FastPath``)."""
     clock = Clock()
     node = Node.from_config(config)
     node.set_clock(clock)

@@ -28,6 +28,15 @@ def live(tmp_path: Path) -> Iterator[Cast]:
         yield cast(server)
 
 
+@pytest.fixture
+def live_asgi(tmp_path: Path) -> Iterator[Cast]:
+    """Served by uvicorn's own protocol: listener requests take the ASGI fast path
+    (``hls.FastPath``), as under any other ASGI server (``live`` answers them in the HTTP
+    protocol, as ``townhall serve`` does; ``test_listener_protocol.py`` covers that layer)."""
+    with running_server(generous_config("sqlite", tmp_path / "data"), protocol=False) as server:
+        yield cast(server)
+
+
 def playlist_when_ready(client: httpx.Client, url: str, **params: str) -> httpx.Response:
     deadline = time.monotonic() + 20
     while (r := client.get(url, params=params)).status_code == 503:
@@ -138,10 +147,11 @@ def test_a_ticket_for_one_space_opens_no_other(live: Cast) -> None:
     assert "set-cookie" not in refused.headers
 
 
-def test_the_fast_path_answers_exactly_as_the_routes_do(live: Cast) -> None:
+def test_the_fast_path_answers_exactly_as_the_routes_do(live_asgi: Cast) -> None:
     """Listener GETs in the common case are answered before routing (``hls.FastPath``); a request
     it declines (here: a conditional that does not match, an unknown parameter) takes the
     FastAPI route. Both must give the same status, bytes and headers."""
+    live = live_asgi
     ticket = live.listener.post(live.path("/join")).json()["ticket"]
     base = f"{live.server.url}/hls/{live.space_id}/"
     with httpx.Client(timeout=30, cookies={COOKIE: ticket}) as c:
@@ -170,9 +180,10 @@ def test_the_fast_path_answers_exactly_as_the_routes_do(live: Cast) -> None:
         assert 'route="/hls/{space_id}/live.m3u8",status="200"' in metrics
 
 
-def test_a_blocking_reload_that_cannot_be_answered_gets_the_error_model(live: Cast) -> None:
-    """Held on the fast path: a part that will never come (the space ended) is a 503 in the
-    one error model, as the route would answer it."""
+def test_a_blocking_reload_that_cannot_be_answered_gets_the_error_model(live_asgi: Cast) -> None:
+    """Held on the ASGI fast path: a part that will never come (the space ended) is a 503 in
+    the one error model, as the route would answer it."""
+    live = live_asgi
     ticket = live.listener.post(live.path("/join")).json()["ticket"]
     url = f"{live.server.url}/hls/{live.space_id}/live.m3u8"
     with httpx.Client(timeout=30, cookies={COOKIE: ticket}) as c:

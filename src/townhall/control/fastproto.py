@@ -122,10 +122,13 @@ class ListenerProtocol(HttpToolsProtocol):
 
     @classmethod
     def metrics(cls) -> _Metrics:
-        if cls._metrics is None:
-            state = getattr(cls.asgi_app, "state", None)
-            cls._metrics = _Metrics(_metrics_layer(cls.asgi_app), getattr(state, "hls_wake_seconds", None))
-        return cls._metrics
+        if cls._metrics is not None:
+            return cls._metrics
+        state = getattr(cls.asgi_app, "state", None)
+        found = _Metrics(_metrics_layer(cls.asgi_app), getattr(state, "hls_wake_seconds", None))
+        if found.layer is not None:  # else the app's stack is not built yet: look again next time
+            cls._metrics = found
+        return found
 
     # -- parser callbacks ------------------------------------------------------------------------
 
