@@ -282,14 +282,14 @@ def playlist_answer(space_id: str, stream: SpaceStream, *, blocking: bool) -> An
     text = stream.playlist()
     if text is None:
         return None
-    cache = f"public, max-age={6 * stream.spec.target_duration}".encode() if blocking else _LIVE_CACHE
-    return _built_for(
-        (space_id, "blocking" if blocking else "live.m3u8"),
-        text,
-        lambda: _answer(
+
+    def build() -> Answer:
+        cache = f"public, max-age={6 * stream.spec.target_duration}".encode() if blocking else _LIVE_CACHE
+        return _answer(
             200, "live_playlist", [(b"cache-control", cache), (b"content-type", _M3U8)], text.encode()
-        ),
-    )
+        )
+
+    return _built_for((space_id, "blocking" if blocking else "live.m3u8"), text, build)
 
 
 def _media_answer(space_id: str, name: str, data: bytes) -> Answer:
