@@ -254,6 +254,8 @@ def test_a_client_that_does_not_read_gets_everything_in_order(live: Cast) -> Non
         sender = threading.Thread(target=lambda: sock.sendall(j.request(segment) * n))
         sender.start()
         time.sleep(1.0)  # the server fills its buffers and the socket's
+        connections = list(live.server.server.server_state.connections)
+        assert any(c.flow.write_paused for c in connections)  # flow control engaged
         answers = read_answers(sock, n)
         sender.join()
         assert len(answers) == n
