@@ -366,6 +366,14 @@ def test_an_overloaded_node_sheds_anonymous_joins_first_and_never_speakers_or_ho
                 assert time.monotonic() < deadline, "no join was shed under a saturated loop"
             assert_error(r, 503, "overloaded")
             assert 1 <= int(r.headers["retry-after"]) <= 5
+            # A waiter coming back with its queue token is not a new join that has shown
+            # nothing: at 6 ms (under the 10 ms of account joins) it reaches the join (this
+            # token is forged: 403), while new anonymous joins keep being shed.
+            plain, back = [], []
+            for _ in range(10):
+                plain.append(join(anon, space_id).status_code)
+                back.append(join(anon, space_id, queue_token="forged.token.x").status_code)
+            assert plain.count(503) >= 5 and back.count(403) >= 8, (plain, back)
             for _ in range(10):  # meanwhile, speakers and hosts always get through
                 whip = anon.post(
                     f"/whip/{space_id}", content=b"v=0", headers={"content-type": "application/sdp"}
@@ -386,7 +394,7 @@ def test_an_overloaded_node_sheds_anonymous_joins_first_and_never_speakers_or_ho
 def test_under_a_real_flood_new_anonymous_joins_are_shed_first_and_pages_and_renewals_served(
     tmp_path: Path,
 ) -> None:
-    """wrk floods the node with anonymous joins from 64 connections (loopback, 5 s) at the
+    """wrk floods the node with anonymous joins from 128 connections (loopback, 5 s) at the
     shipped 5 ms target, while a listener renews its ticket, a visitor reads the space's page
     and a host calls the API: anonymous joins are the first and by far the most shed;
     renewals, pages and host calls keep being served."""
@@ -429,8 +437,10 @@ def test_under_a_real_flood_new_anonymous_joins_are_shed_first_and_pages_and_ren
         assert first[Priority.ANONYMOUS_JOIN] == min(first.values()), first
         assert set(probes["host"]) == {409}, probes  # never shed: "already live"
         for what in ("renew", "page"):
-            served = sum(1 for code in probes[what] if code == 200) / len(probes[what])
-            assert served >= 0.95, (what, probes[what], by_class)
+            # Served; on a machine so loaded that the delay stands past 50-100 ms, a page or a
+            # renewal may be shed too (by design), but never more than one in ten here.
+            assert probes[what] and set(probes[what]) <= {200, 503}, probes
+            assert probes[what].count(503) <= max(1, len(probes[what]) // 10), (what, probes, by_class)
 
 
 # -- attack mode ---------------------------------------------------------------------------------

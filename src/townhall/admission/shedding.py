@@ -13,7 +13,9 @@ order of shedding follows from the depth *and* the length of the overload:
 class              delay over      standing for     requests
 =================  ==============  ===============  ======================================
 ANONYMOUS_JOIN     1 × target      1 × interval     new joins without credentials
-JOIN               2 × target      2 × interval     new joins of accounts, challenges
+JOIN               2 × target      2 × interval     joins of accounts, anonymous joins that
+                                                    bring a queue token or a proof (the
+                                                    middleware's look at the body), challenges
 API                10 × target     3 × interval     pages and every other API call
 RENEWAL            20 × target     4 × interval     ticket renewals of listeners already in
 NEVER              —               —                WHIP/WHEP, host and admin calls, health
