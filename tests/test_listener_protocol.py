@@ -13,11 +13,13 @@ from pathlib import Path
 import h11
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from tests.spaces_support import Cast, cast, generous_config
 from tests.support import assert_error, running_server
 from tests.test_hls_tickets import COOKIE, playlist_when_ready
 from townhall.audience.listener import Follower, parse_media_playlist
+from townhall.control.fastproto import _Tally
 
 
 @pytest.fixture
@@ -261,3 +263,23 @@ def test_a_client_that_does_not_read_gets_everything_in_order(live: Cast) -> Non
         assert len(answers) == n
         sizes = {len(body) for _, body in answers}
         assert [r.status_code for r, _ in answers] == [200] * n and len(sizes) == 1 and sizes.pop() > 500
+
+
+def test_counts_flushed_in_bulk_equal_observe() -> None:
+    """What the protocol tallies and flushes into a histogram child at once is exactly what
+    ``observe`` would have made of the same values (bucket edges included)."""
+    buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    one, other = CollectorRegistry(), CollectorRegistry()
+    observed = Histogram("h", "h", ["route"], registry=one, buckets=buckets).labels("r")
+    tally = _Tally(Histogram("h", "h", ["route"], registry=other, buckets=buckets).labels("r"))
+    values = [*buckets, 0.0, 20.0, *(i / 997 for i in range(3000))]
+    for value in values:
+        observed.observe(value)
+        tally.add(value)
+    tally.flush()
+    tally.flush()  # nothing left: a second flush adds nothing
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(one) == samples(other)
