@@ -4,6 +4,7 @@ with a live space and a WHIP speaker (so the stage's tick lateness means somethi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from tests.spaces_support import generous_config
 from tests.support import Api, RunningServer, running_server
 from tests.test_audience import Speaker
 from townhall import cli
+from townhall.config import Config
 from townhall.loadtest.accounting import (
     Answer,
     JoinLedger,
@@ -213,12 +215,13 @@ class Live:
         self.host = host
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    data = tmp_path_factory.mktemp("loadtest") / "data"
-    with running_server(generous_config("sqlite", data, **LOW_CAPACITY)) as server:
+@contextlib.contextmanager
+def speaking(config: Config, title: str) -> Iterator[Live]:
+    """A node serving ``config`` with a live space whose host speaks (a WHIP tone: the stage
+    ticks, so its lateness is measured)."""
+    with running_server(config) as server:
         host = server.client().user("host")
-        space = host.post("/api/v1/spaces", json={"title": "Load"}).json()["id"]
+        space = host.post("/api/v1/spaces", json={"title": title}).json()["id"]
         assert host.post(f"/api/v1/spaces/{space}/start").status_code == 200
         token = host.post(f"/api/v1/spaces/{space}/speaker-token").json()["speaker_token"]
         speaker = Speaker(f"{server.url}/whip/{space}", token, 440.0)
@@ -226,6 +229,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             yield Live(server, space, host)
         finally:
             speaker.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    data = tmp_path_factory.mktemp("loadtest") / "data"
+    with speaking(generous_config("sqlite", data, **LOW_CAPACITY), "Load") as live:
+        yield live
 
 
 def loadtest(live: Live, out: Path, scenario: str, *args: str) -> dict[str, Any]:
@@ -311,18 +321,10 @@ def test_a_flood_from_a_few_addresses_switches_attack_mode_on_by_itself(tmp_path
     settings = {k: v for k, v in LOW_CAPACITY.items() if k != "attack_threshold_per_second"}
     cfg = generous_config("sqlite", tmp_path / "data", **settings)
     assert cfg.attack_threshold_per_second == 50.0
-    with running_server(cfg) as server:
-        host = server.client().user("host")
-        space = host.post("/api/v1/spaces", json={"title": "Flood"}).json()["id"]
-        assert host.post(f"/api/v1/spaces/{space}/start").status_code == 200
-        token = host.post(f"/api/v1/spaces/{space}/speaker-token").json()["speaker_token"]
-        speaker = Speaker(f"{server.url}/whip/{space}", token, 440.0)
-        try:
-            args = ["--legit", "100", "--attack-factor", "10", "--seconds", "5", "--drain", "6"]
-            report = loadtest(Live(server, space, host), tmp_path, "flood", *args)
-        finally:
-            speaker.close()
-        admin = server.client(server.create_admin())
+    with speaking(cfg, "Flood") as live:
+        args = ["--legit", "100", "--attack-factor", "10", "--seconds", "5", "--drain", "6"]
+        report = loadtest(live, tmp_path, "flood", *args)
+        admin = live.server.client(live.server.create_admin())
         state = admin.get("/api/v1/admin/attack-mode").json()
     mode = report["node_metrics"]["attack_mode"]
     # Seen on during the run (when depends on how fast this shared machine lets the node answer
