@@ -226,23 +226,24 @@ async function join(signal) {
     try {
       response = await call("POST", api("/join"), Object.keys(body).length ? body : undefined, { signal });
     } catch (err) {
-      if (err.status === 429 || err.status === 503 || err.status === 0) {
-        const wait = err.retryAfter ?? 5;
-        playerStatus(`The space is very busy. Trying again in ${wait} s…`);
-        await sleep(wait, signal);
-        continue;
-      }
       if (err.status === 403 && err.code === "pow_required" && !proof) {
         playerStatus("So many people are joining that the server asks your browser to solve a small puzzle first. Solving…");
-        proof = await proofOfWork({
-          signal,
-          onProgress: (tries, expected) => {
-            playerStatus(`Solving the puzzle the server asks of anonymous listeners… ${Math.min(99, Math.round((100 * tries) / expected))}%`);
-          },
-        });
+        try {
+          proof = await proofOfWork({
+            signal,
+            onProgress: (tries, expected) => {
+              playerStatus(`Solving the puzzle the server asks of anonymous listeners… ${Math.min(99, Math.round((100 * tries) / expected))}%`);
+            },
+          });
+        } catch (challengeErr) {
+          // The challenge itself can be shed or limited on a busy node: wait it out like a join.
+          if (!(await waitedOutBusy(challengeErr, signal))) throw challengeErr;
+          continue;
+        }
         playerStatus("Puzzle solved. Joining…");
         continue;
       }
+      if (await waitedOutBusy(err, signal)) continue;
       throw err;
     }
     proof = null; // a challenge admits once
@@ -261,6 +262,15 @@ async function join(signal) {
     show($("#waiting"), false);
     return response.data;
   }
+}
+
+/** A busy node's answer (429, 503, unreachable) is waited out for its Retry-After; true if so. */
+async function waitedOutBusy(err, signal) {
+  if (err.status !== 429 && err.status !== 503 && err.status !== 0) return false;
+  const wait = err.retryAfter ?? 5;
+  playerStatus(`The space is very busy. Trying again in ${wait} s…`);
+  await sleep(wait, signal);
+  return true;
 }
 
 /** A fresh ticket for the same listener before this one expires: the cheap renewal when the
