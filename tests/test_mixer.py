@@ -123,3 +123,34 @@ def test_jitter_buffer_rules() -> None:
     assert jb.pop()[0] == 13
     with pytest.raises(ValueError):
         jb.push(np.zeros(5, dtype=np.int16), 2.0)
+
+
+def test_a_standing_surplus_drains_back_to_the_target_depth() -> None:
+    """A burst fills the buffer; arrivals at the steady rate then keep it full, so without a
+    rule the burst's delay would stay for good. One frame is dropped per ``settle`` ticks
+    of surplus, down to the prefill depth, and then nothing more is dropped."""
+    jb = JitterBuffer(frame_samples=4, prefill=2, max_depth=6, settle=5)
+    frame = lambda v: np.full(4, v, dtype=np.int16)  # noqa: E731
+    n = 0
+    for _ in range(6):  # the burst: 6 frames at once
+        jb.push(frame(n), 0.0)
+        n += 1
+    popped = []
+    for tick in range(60):  # then one frame in, one frame out per tick
+        jb.push(frame(n), tick * 0.02)
+        n += 1
+        popped.append(int(jb.pop()[0]))
+    assert jb.trimmed == 4 and jb.depth == 1  # as deep as steady arrivals keep it (below)
+    assert popped[-1] == n - 2  # one frame queued behind it: the steady delay, no more
+    assert popped == sorted(popped) and len(set(popped)) == len(popped)  # skips, never repeats
+    assert jb.underruns == 0 and jb.dropped == 1  # the 7th frame of the burst hit max_depth
+
+
+def test_steady_arrivals_at_the_target_depth_are_never_trimmed() -> None:
+    jb = JitterBuffer(frame_samples=4, prefill=2, max_depth=6, settle=5)
+    frame = np.zeros(4, dtype=np.int16)
+    jb.push(frame, 0.0)
+    for tick in range(200):
+        jb.push(frame, tick * 0.02)
+        assert jb.pop() is not None
+    assert jb.trimmed == 0 and jb.depth == 1
