@@ -39,8 +39,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## The suite on two pytest-xdist workers, a test file per worker at a time (module fixtures stay
+## in one process). Tests take ports, temp dirs, schemas and Redis prefixes of their own, so two
+## run side by side; much of the suite's time is waits on real time (media, restarts), which
+## the second worker fills. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 unit: $(STAMP) web sysdeps
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 ## Everything CI runs: lint, strict types, the whole suite (needs PostgreSQL on 127.0.0.1:5432).
 test: sysdeps lint typecheck unit
