@@ -279,6 +279,21 @@ http {{
 """
 
 
+def nginx_command(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with ``conf``, its paths and error log under ``prefix``."""
+    return [
+        find_tool("nginx") or "nginx",
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        "daemon off;",
+    ]
+
+
 @contextlib.contextmanager
 def nginx_serving(
     files: dict[str, bytes], workers: str, workdir: Path, types: Mapping[str, str] | None = None
@@ -300,19 +315,10 @@ def nginx_serving(
     mime = " ".join(f"{kind} {ext};" for ext, kind in (types or {}).items())
     conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, host=HOST, port=port, types=mime))
     log = prefix / "stderr.log"
-    cmd = [
-        find_tool("nginx") or "nginx",
-        "-p",
-        str(prefix),
-        "-c",
-        str(conf),
-        "-e",
-        str(prefix / "error.log"),
-        "-g",
-        "daemon off;",
-    ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            nginx_command(prefix, conf), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         base = f"http://{HOST}:{port}"
         wait_http_ok(base + next(iter(files)), proc, 10.0, log)

@@ -68,7 +68,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -84,27 +83,28 @@ import numpy as np
 from _common import (
     CLK_TCK,
     HOST,
-    RESULTS,
     WRK_DONE_LUA,
     Server,
     WrkSettings,
+    add_wrk_options,
     busy_cpu_s,
-    cpu_model,
     errors_of,
-    find_tool,
     fmt_rate,
     fmt_ratio,
     free_port,
     git_state,
     lua_long_string,
+    machine_facts,
     nginx_serving,
     own_cpu_s,
+    pyplot,
     run_wrk,
     session_cpu_seconds,
     session_rss_bytes,
+    shown,
     stop,
     tail,
-    tool_version,
+    tools_missing,
     townhall_server,
     wait_http_ok,
 )
@@ -692,12 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join([".venv/bin/python bench/bench_audience.py", *sys.argv[1:]]),
         "git": git_state(),
         "machine": {
-            "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "wrk": tool_version(["wrk", "-v"]),
-            "nginx": tool_version([find_tool("nginx") or "nginx", "-v"]),
+            **machine_facts("wrk", "nginx"),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "other_cpu_share": round(other_cpu / ((time.monotonic() - wall0) * (os.cpu_count() or 1)), 3),
@@ -774,10 +769,7 @@ def tables(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     ax = axes[0]
@@ -836,15 +828,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per measured wrk run (default 5)")
+    add_wrk_options(parser, duration=5, warmup=1, connections=64)
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of the rate runs (default 3)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="uncounted warm-up seconds per run (default 1)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
-    parser.add_argument("--timeout", type=int, default=10, help="wrk request timeout, s (default 10)")
-    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
     parser.add_argument("--latency-seconds", type=float, default=40.0, help="chirp run length (default 40)")
     parser.add_argument(
         "--chirp-interval", type=float, default=1.0, help="seconds between chirps (default 1)"
@@ -859,19 +846,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["rates", "latency", "held"],
         help="which measurements, comma-separated (default rates,latency,held)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("wrk", "nginx") if find_tool(tool) is None]
-    if missing:
-        print(
-            f"bench_audience: {' and '.join(missing)} not found; install with:\n"
-            "    apt-get update && apt-get install -y wrk nginx",
-            file=sys.stderr,
-        )
+    if tools_missing("bench_audience", "wrk", "nginx"):
         return 2
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -884,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"townhall audience: {result['date']}, {machine['cpus']} cores ({machine['cpu_model']})")
     print(f"other processes used {machine['other_cpu_share']:.0%} of the cores during the run\n")
     print(tables(result))
-    print(f"\nwrote {json_path}\nwrote {png_path}")
+    print(f"\nwrote {shown(json_path)}\nwrote {shown(png_path)}")
     failed = sum(errors_of(r["townhall"]) + errors_of(r["peer"]) for r in result["rates"]["rows"])
     if failed or result["server_log_errors"]:
         print(f"bench_audience: {failed} failed requests; server log errors: {result['server_log_errors']}")

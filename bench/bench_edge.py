@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HOST, free_port, git_state, session_cpu_seconds, stop, townhall_server
+from _common import HOST, free_port, git_state, nginx_command, session_cpu_seconds, stop, townhall_server
 
 from townhall.scaleout.edge import EdgeSettings, render
 from townhall.stage.client import publish
@@ -137,20 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             text = text.replace("error.log warn;", "error.log info;")  # "cache lock timeout" is info
             print(f"edge access log: {prefix / 'access.log'}", flush=True)
         conf.write_text(text)
-        edge = subprocess.Popen(
-            [
-                "/usr/sbin/nginx",
-                "-p",
-                str(prefix),
-                "-c",
-                str(conf),
-                "-e",
-                str(prefix / "error.log"),
-                "-g",
-                "daemon off;",
-            ],
-            start_new_session=True,
-        )
+        edge = subprocess.Popen(nginx_command(prefix, conf), start_new_session=True)
         edge_url = f"http://{HOST}:{port}"
 
         async def speak_and_measure() -> None:
