@@ -308,8 +308,11 @@ def test_flood_leaves_legitimate_joiners_in_and_turns_the_attack_away(live: Live
     assert sum(attack["answers"].values()) == attack["sent"]
     # Attackers who never prove any work get nothing: a proof is asked of them until the
     # per-address limit (60 a minute each) refuses them first.
+    # An attack request may also get no answer in time ("transport": the node is busy, the
+    # suite may run beside it on two cores): that too lets nobody in. Most are answered.
     assert attack["let_in"] == 0 and attack["rejection_rate"] == 1.0, attack
-    assert set(attack["answers"]) <= {"pow", "limited", "shed"}, attack
+    assert set(attack["answers"]) <= {"pow", "limited", "shed", "transport"}, attack
+    assert attack["answers"].get("transport", 0) < attack["sent"] / 2, attack
     assert report["attack_timeline"]
 
 
