@@ -51,7 +51,8 @@ unit: $(STAMP) web sysdeps
 test: sysdeps lint typecheck unit
 
 ## Benchmarks (not part of the tests): see BENCHMARKS.md.
-bench: $(STAMP) web sysdeps
+bench: $(STAMP) web
+	scripts/sysdeps --bench
 	$(BIN)/python bench/bench_control.py
 	$(BIN)/python bench/bench_spaces.py
 	$(BIN)/python bench/bench_stage.py
@@ -59,6 +60,8 @@ bench: $(STAMP) web sysdeps
 	$(BIN)/python bench/bench_redis.py
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_edge.py
+	PYTHONPATH=. $(BIN)/python bench/bench_admission.py
+	$(BIN)/python bench/bench_loadtest.py
 
 ## Re-pin every dependency after changing pyproject.toml.
 lock:
