@@ -283,3 +283,33 @@ def test_counts_flushed_in_bulk_equal_observe() -> None:
         return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
 
     assert samples(one) == samples(other)
+
+
+def test_a_request_behind_an_answer_in_the_same_read_is_not_closed_as_idle(live: Cast) -> None:
+    """A hot answer and, in the same packet, a request whose body comes later: the keep-alive
+    check must not take the connection for idle while that request is under way."""
+    j = Joined(live)
+    part = j.playlist.parts[-1].uri
+    with j.connect() as sock:
+        sock.sendall(j.request(part) + b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        time.sleep(6)  # past uvicorn's 5 s keep-alive
+        sock.sendall(b"hello")
+        answers = read_answers(sock, 2)
+    assert [response.status_code for response, _ in answers] == [200, 405]
+
+
+def test_a_reload_held_at_shutdown_is_answered_then_closed(live: Cast) -> None:
+    """As uvicorn finishes a request in flight when it stops: the held reload gets its
+    playlist (within the graceful-shutdown time), marked ``connection: close``."""
+    j = Joined(live)
+    msn, part = j.next_blocking()
+    with j.connect() as sock:
+        # A part one segment (~2 s) ahead: still held when the server is told to stop.
+        sock.sendall(j.request(f"live.m3u8?_HLS_msn={msn + 1}&_HLS_part={part}"))
+        time.sleep(0.1)
+        live.server.server.should_exit = True
+        [(response, body)] = read_answers(sock, 1)
+        assert response.status_code == 200 and body.startswith(b"#EXTM3U")
+        assert headers_of(response)[b"connection"] == b"close"
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # then closed

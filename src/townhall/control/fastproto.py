@@ -201,6 +201,9 @@ class ListenerProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
+        # A request has begun: the connection is busy, not idle, even when it came in the same
+        # read as an answer given here (else the idle check could close it mid-request).
+        self._idle_since = None
         # The scope is built only for a request that goes to the ASGI app (``_to_asgi``).
         self.url = b""
         self.expect_100_continue = False
@@ -322,8 +325,10 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         if self._held is not None:
-            self._held = None
-            self.transport.close()
+            # As uvicorn does for a request in flight: let it finish (its answer or the route's
+            # 503 at the bound), then close, within the server's graceful-shutdown time.
+            space_id, method, _, start = self._held
+            self._held = (space_id, method, False, start)
             return
         super().shutdown()
 
