@@ -103,6 +103,10 @@ class Config:
     space_max_listeners: int = 10_000_000
     space_join_rate: float = 2000.0
     space_join_burst: float = 2000.0
+    # Independent splits of each space's waiting-room counters (Redis keys, on as many primaries
+    # in a cluster), each with 1/K of the space's rate, burst and cap: one Redis thread serves
+    # ~7,000-10,000 updates/s of one key (BENCHMARKS.md, "Scale-out plan"; `townhall plan`).
+    waiting_room_splits: int = 1
     node_max_listeners: int = 20_000
     node_join_rate: float = 2000.0
     node_join_burst: float = 2000.0

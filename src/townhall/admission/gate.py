@@ -12,6 +12,9 @@
    network: a few attacking addresses cannot fill the queue ahead of the people behind them
    (the place is asked for only once the limits allow it, so a refused join draws no arrival
    number and costs the queue nothing). In attack mode the proof (2.) comes before any place.
+   With ``waiting_room_splits`` K > 1 the space's waiting room is K independent splits: a new
+   joiner is hashed by the listener id it will get, and its queue token and ticket name the
+   split (``waiting_room`` says what a position means then).
 5. A ticket: one HMAC. Nothing is written to the database.
 
 Every refusal that names a culprit (429 of a limit, a missing, wrong or reused proof) is counted
@@ -205,6 +208,8 @@ class Admission:
         self.node_cap = wr.Capacity(
             config.node_max_listeners, config.node_join_rate, config.node_join_burst, ttl
         )
+        self.splits = max(1, config.waiting_room_splits)
+        self.split_caps = [wr.split_capacity(self.space_cap, k, self.splits) for k in range(self.splits)]
         self.node_counters = wr.Counters()
         self.refused = 0
         self.admitted = 0
@@ -304,15 +309,24 @@ class Admission:
         now = self.clock()
         expires = round(now + self.tickets.ttl, 3)
         node_ok = wr.has_room(self.node_counters, self.node_cap, now)
+        listener = listener_id(account)
         if queue_token:
             try:
                 queued = self.queue_tokens.check(queue_token, space_id, now)
             except QueueTokenError as exc:
                 raise Forbidden(str(exc), code=exc.code) from exc
-            number = queued.number
+            if queued.splits != self.splits:
+                # Its number was drawn in a split that no longer exists as it was: it means
+                # nothing in any split now.
+                raise Conflict(
+                    f"the space's waiting room has been re-split ({queued.splits} -> {self.splits} "
+                    "splits) since this queue token was issued; join again without it",
+                    code="queue_token_resplit",
+                )
+            split = queued.split
             try:
                 decision = await self.store.claim(
-                    space_id, self.space_cap, number, now, expires, elsewhere_ok=node_ok
+                    space_id, self._cap(split), queued.number, now, expires, elsewhere_ok=node_ok, split=split
                 )
             except AlreadyUsed:
                 raise Conflict(
@@ -320,35 +334,42 @@ class Admission:
                 ) from None
             text = queue_token
         else:
+            split = self._split_of(listener)
             decision = await self._fresh(
-                space_id, now, expires, node_ok, address if account is None else None
+                space_id, split, now, expires, node_ok, address if account is None else None
             )
             if isinstance(decision, wr.Wait):
-                text, queued = self.queue_tokens.issue(space_id, decision.number, now)
+                text, queued = self.queue_tokens.issue(space_id, decision.number, now, split, self.splits)
         if isinstance(decision, wr.Wait):
             self.queued += 1
             return Queued(text, queued, decision)
         self.admitted += 1
         if not wr.take(self.node_counters, self.node_cap, now, expires):
             wr.count_ticket(self.node_counters, self.node_cap, expires)  # admitted from the queue
-        listener = listener_id(account)
-        token, ticket = self.tickets.issue(space_id, listener, now)
+        token, ticket = self.tickets.issue(space_id, listener, now, split)
         return Admitted(token, ticket)
 
+    def _split_of(self, listener: str) -> int | None:
+        """A new joiner's split (``None``: the space is not split)."""
+        return wr.split_of(listener, self.splits) if self.splits > 1 else None
+
+    def _cap(self, split: int | None) -> wr.Capacity:
+        return self.space_cap if split is None else self.split_caps[split]
+
     async def _fresh(
-        self, space_id: str, now: float, expires: float, node_ok: bool, limited: str | None
+        self, space_id: str, split: int | None, now: float, expires: float, node_ok: bool, limited: str | None
     ) -> wr.Decision:
         """A join without a queue token; one from the ``limited`` address (anonymous) takes a
         place only within the limits of places: asked not to queue first, it draws a number
         only once they allow it."""
-        cap = self.space_cap
+        cap = self._cap(split)
         decision = await self.store.join(
-            space_id, cap, now, expires, elsewhere_ok=node_ok, may_queue=not limited
+            space_id, cap, now, expires, elsewhere_ok=node_ok, may_queue=not limited, split=split
         )
         if isinstance(decision, wr.Full):
             assert limited is not None
             await self.limit_queue_place(limited)
-            decision = await self.store.join(space_id, cap, now, expires, elsewhere_ok=node_ok)
+            decision = await self.store.join(space_id, cap, now, expires, elsewhere_ok=node_ok, split=split)
         assert not isinstance(decision, wr.Full)
         return decision
 
@@ -364,8 +385,12 @@ class Admission:
         who = old.listener
         if who.startswith("a") and who[1:].isdigit() and int(who[1:]) in snap.blocked:
             raise Forbidden("you are blocked from this space", code="blocked")
-        text, ticket = self.tickets.issue(space_id, old.listener, now)
-        await self.store.renew(space_id, self.space_cap, old.expires_at, ticket.expires_at, now)
+        # The split that counted the old ticket; after a change of K, the listener's split now
+        # (the old ticket's count then lapses with it: counts are by expiry, never carried over).
+        split = old.split if self.splits > 1 and old.split is not None and old.split < self.splits else None
+        split = self._split_of(who) if split is None else split
+        text, ticket = self.tickets.issue(space_id, old.listener, now, split)
+        await self.store.renew(space_id, self._cap(split), old.expires_at, ticket.expires_at, now, split)
         wr.renew(self.node_counters, self.node_cap, old.expires_at, ticket.expires_at, now)
         return Admitted(text, ticket)
 

@@ -3,8 +3,12 @@
 The memory store runs the pure arithmetic of ``waiting_room`` on a ``Counters`` per space. The
 Redis store keeps the same fields in one hash per space (``{redis_prefix}:wr:{space}``, the
 names of ``Counters.to_fields``) plus one bit per arrival number (``...:wr:{space}:used``) so a
-queue token admits once, and runs each operation as one Lua script: atomic on the Redis server,
-one round trip, no retries when nodes race on one space. The script is the same arithmetic
+queue token admits once; a space split K ways (``waiting_room_splits``) has one such pair per
+split, ``{redis_prefix}:wr:{<space>:s<k>}`` and ``...:used``, the braces a Redis Cluster hash
+tag: a split's two keys share a slot (one script touches both) while the K splits hash to
+different slots, which a cluster can place on different primaries (a split is only a key: the
+script is the same). Each operation runs as one Lua script: atomic on the Redis server, one
+round trip, no retries when nodes race on one space. The script is the same arithmetic
 written again in Lua (a transaction with ``WATCH`` around the Python functions cost ~3.6x more
 Redis CPU per update, BENCHMARKS.md "Scale-out plan"); ``tests/test_admission_cores.py`` runs
 both on the same random sequence of operations and asserts the same decisions and counters.
@@ -31,7 +35,8 @@ class AlreadyUsed(Exception):
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One operation on a space's counters, as the Redis script takes it. ``arg``: the arrival
-    number of a claim, the old expiry of a renewal."""
+    number of a claim, the old expiry of a renewal; ``split``: which of the space's splits
+    (``None``: the space is not split), ``cap`` being already that split's share."""
 
     op: Op
     space_id: str
@@ -41,6 +46,12 @@ class Step:
     arg: float = 0
     elsewhere_ok: bool = True
     may_queue: bool = True
+    split: int | None = None
+
+
+def counters_key(space_id: str, split: int | None) -> str:
+    """A split's name after the store's prefix (see the module's note for the hash tag)."""
+    return space_id if split is None else f"{{{space_id}:s{split}}}"
 
 
 class QueueStore(abc.ABC):
@@ -59,9 +70,10 @@ class QueueStore(abc.ABC):
         *,
         elsewhere_ok: bool,
         may_queue: bool = True,
+        split: int | None = None,
     ) -> wr.JoinDecision:
         decision = await self._apply(
-            Step("join", space_id, cap, now, expires_at, elsewhere_ok=elsewhere_ok, may_queue=may_queue)
+            Step("join", space_id, cap, now, expires_at, 0, elsewhere_ok, may_queue, split)
         )
         assert decision is not None
         return decision
@@ -75,16 +87,25 @@ class QueueStore(abc.ABC):
         expires_at: float,
         *,
         elsewhere_ok: bool,
+        split: int | None = None,
     ) -> wr.Decision:
         """``AlreadyUsed`` if ``number`` has been admitted before; marks it when admitting."""
-        decision = await self._apply(Step("claim", space_id, cap, now, expires_at, number, elsewhere_ok))
+        decision = await self._apply(
+            Step("claim", space_id, cap, now, expires_at, number, elsewhere_ok, split=split)
+        )
         assert decision is not None and not isinstance(decision, wr.Full)
         return decision
 
     async def renew(
-        self, space_id: str, cap: wr.Capacity, old_expires_at: float, new_expires_at: float, now: float
+        self,
+        space_id: str,
+        cap: wr.Capacity,
+        old_expires_at: float,
+        new_expires_at: float,
+        now: float,
+        split: int | None = None,
     ) -> None:
-        await self._apply(Step("renew", space_id, cap, now, new_expires_at, old_expires_at))
+        await self._apply(Step("renew", space_id, cap, now, new_expires_at, old_expires_at, split=split))
 
     @abc.abstractmethod
     async def _apply(self, step: Step) -> wr.JoinDecision | None: ...
@@ -99,9 +120,10 @@ class MemoryQueueStore(QueueStore):
         self.used: dict[str, bytearray] = {}
 
     async def _apply(self, step: Step) -> wr.JoinDecision | None:
-        c = self.counters.get(step.space_id)
+        key = counters_key(step.space_id, step.split)
+        c = self.counters.get(key)
         if c is None:
-            c = self.counters[step.space_id] = wr.Counters()
+            c = self.counters[key] = wr.Counters()
         cap, now, expires_at, ok = step.cap, step.now, step.expires_at, step.elsewhere_ok
         if step.op == "join":
             return wr.join(c, cap, now, expires_at, elsewhere_ok=ok, may_queue=step.may_queue)
@@ -109,7 +131,7 @@ class MemoryQueueStore(QueueStore):
             wr.renew(c, cap, step.arg, expires_at, now)
             return None
         number = int(step.arg)
-        bits = self.used.setdefault(step.space_id, bytearray())
+        bits = self.used.setdefault(key, bytearray())
         if number < len(bits) * 8 and bits[number >> 3] & (1 << (number & 7)):
             raise AlreadyUsed
         decision = wr.claim(c, cap, number, now, expires_at, elsewhere_ok=ok)
@@ -196,7 +218,7 @@ class RedisQueueStore(QueueStore):
         self._script: Any = self.redis.register_script(_SCRIPT)
 
     async def _apply(self, step: Step) -> wr.JoinDecision | None:
-        key, cap = self.prefix + step.space_id, step.cap
+        key, cap = self.prefix + counters_key(step.space_id, step.split), step.cap
         args = [step.op, repr(step.now), repr(step.expires_at), cap.max_active, repr(cap.rate)]
         args += [repr(cap.burst), repr(cap.bucket_seconds), repr(step.arg)]
         args += ["1" if step.elsewhere_ok else "0", IDLE_SECONDS, "1" if step.may_queue else "0"]
@@ -211,9 +233,9 @@ class RedisQueueStore(QueueStore):
             return wr.Full()
         return wr.waiting(wr.Counters(released=released), cap, number)
 
-    async def counters(self, space_id: str) -> wr.Counters:
-        """The space's counters as stored (for tests and inspection)."""
-        return wr.Counters.from_fields(await self.redis.hgetall(self.prefix + space_id))
+    async def counters(self, space_id: str, split: int | None = None) -> wr.Counters:
+        """The space's (or one split's) counters as stored (for tests and inspection)."""
+        return wr.Counters.from_fields(await self.redis.hgetall(self.prefix + counters_key(space_id, split)))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -20,6 +20,7 @@ class Ticket:
     space_id: str
     listener: str
     expires_at: float
+    split: int | None = None  # the waiting-room split that counts it (None: not split)
 
 
 class TicketError(ValueError):
@@ -38,14 +39,18 @@ class TicketBook:
         self.signer = signer
         self.ttl = ttl
 
-    def issue(self, space_id: str, listener: str, now: float) -> tuple[str, Ticket]:
-        ticket = Ticket(space_id, listener, round(now + self.ttl, 3))
-        return self.signer.sign({"s": space_id, "l": listener, "e": ticket.expires_at}), ticket
+    def issue(self, space_id: str, listener: str, now: float, split: int | None = None) -> tuple[str, Ticket]:
+        ticket = Ticket(space_id, listener, round(now + self.ttl, 3), split)
+        payload: dict[str, object] = {"s": space_id, "l": listener, "e": ticket.expires_at}
+        if split is not None:  # unsplit tickets stay byte for byte what they were
+            payload["k"] = split
+        return self.signer.sign(payload), ticket
 
     def check(self, token: str, space_id: str, now: float) -> Ticket:
         try:
             p = self.signer.verify(token)
-            ticket = Ticket(str(p["s"]), str(p["l"]), float(p["e"]))
+            split = None if p.get("k") is None else int(p["k"])
+            ticket = Ticket(str(p["s"]), str(p["l"]), float(p["e"]), split)
         except SignatureError as exc:
             raise TicketError(str(exc), "invalid_ticket") from exc
         except (KeyError, TypeError, ValueError) as exc:

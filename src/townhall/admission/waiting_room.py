@@ -21,12 +21,21 @@ renewal moves it from its old ticket's bucket to the new one's. A released waite
 comes back costs one rate token, never a place under the cap; the cap is checked when a waiter
 actually comes in, so a burst of returns can never push the room over it (a released waiter who
 finds it full is told it is next, position 1).
+
+Splits. One pool's counters are one Redis hash, served by one Redis thread; past what it takes
+(BENCHMARKS.md, "Scale-out plan") a space's waiting room is cut into ``splits`` independent
+pools, each with its share of the rate, burst and cap (``split_capacity``), its own arrival
+numbers and its own ``released``. A new joiner is hashed to a split (``split_of``) and its queue
+token and ticket name the split, so its returns and renewals go back there. A position is then
+the position within the joiner's split; every split drains at 1/``splits`` of the space's rate,
+so ``position / split rate`` is still the honest wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 from townhall.security.signing import SignatureError, Signer
 
@@ -110,6 +119,20 @@ class Full:
 
 Decision = Admit | Wait
 JoinDecision = Admit | Wait | Full
+
+
+def split_capacity(cap: Capacity, split: int, splits: int) -> Capacity:
+    """Split ``split`` of ``splits``' share of ``cap``: 1/``splits`` of the rate and burst, and
+    of the listener cap rounded so the splits' caps add up to the whole."""
+    if splits <= 1:
+        return cap
+    share = cap.max_active // splits + (1 if split < cap.max_active % splits else 0)
+    return dataclasses.replace(cap, max_active=share, rate=cap.rate / splits, burst=cap.burst / splits)
+
+
+def split_of(key: str, splits: int) -> int:
+    """The split a new joiner is hashed to (``key``: its listener id); stable across nodes."""
+    return zlib.crc32(key.encode()) % splits if splits > 1 else 0
 
 
 def _bucket(cap: Capacity, expires_at: float) -> int:
@@ -216,6 +239,8 @@ class QueueToken:
     number: int
     arrived_at: float
     expires_at: float
+    split: int | None = None  # None: the space's counters are not split
+    splits: int = 1  # how many splits the space had when the number was drawn
 
 
 class QueueTokenError(ValueError):
@@ -225,22 +250,30 @@ class QueueTokenError(ValueError):
 
 
 class QueueTokenBook:
-    """Signed queue tokens ``{s: space, n: arrival number, t: arrival time, e: expiry}``: all a
-    waiter's state, carried by the waiter."""
+    """Signed queue tokens ``{s: space, n: arrival number, t: arrival time, e: expiry}``, plus
+    ``k: split, K: splits`` when the space's counters are split: all a waiter's state, carried
+    by the waiter."""
 
     def __init__(self, signer: Signer, ttl: float) -> None:
         self.signer = signer
         self.ttl = ttl
 
-    def issue(self, space_id: str, number: int, arrived_at: float) -> tuple[str, QueueToken]:
-        token = QueueToken(space_id, number, round(arrived_at, 3), round(arrived_at + self.ttl, 3))
-        text = self.signer.sign({"s": space_id, "n": number, "t": token.arrived_at, "e": token.expires_at})
-        return text, token
+    def issue(
+        self, space_id: str, number: int, arrived_at: float, split: int | None = None, splits: int = 1
+    ) -> tuple[str, QueueToken]:
+        t, e = round(arrived_at, 3), round(arrived_at + self.ttl, 3)
+        token = QueueToken(space_id, number, t, e, split, splits if split is not None else 1)
+        payload: dict[str, object] = {"s": space_id, "n": number, "t": t, "e": e}
+        if split is not None:  # unsplit tokens stay byte for byte what they were
+            payload.update(k=split, K=token.splits)
+        return self.signer.sign(payload), token
 
     def check(self, text: str, space_id: str, now: float) -> QueueToken:
         try:
             p = self.signer.verify(text)
-            token = QueueToken(str(p["s"]), int(p["n"]), float(p["t"]), float(p["e"]))
+            split = None if p.get("k") is None else int(p["k"])
+            splits = int(p.get("K", 1))
+            token = QueueToken(str(p["s"]), int(p["n"]), float(p["t"]), float(p["e"]), split, splits)
         except SignatureError as exc:
             raise QueueTokenError(str(exc), "invalid_queue_token") from exc
         except (KeyError, TypeError, ValueError) as exc:

@@ -15,7 +15,7 @@ waiting-room script (``admission/queue_store.py``) on the space's one hash. A Re
 runs commands on one thread, so however many primaries there are, one space's counters are
 served by one thread at the rate measured for that script (``bench/bench_redis.py``); when a
 storm asks for more, the fleet needs the space's counters split over several keys on as many
-primaries, and the plan says how many.
+primaries, and the plan says how many (``waiting_room_splits``, ``admission/queue_store.py``).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def render(plan: Plan) -> list[str]:
         f"peak ({plan.redis_cores_peak:.1f} Redis cores); the space's waiting-room counters take "
         f"{_n(plan.hot_key_peak)} updates/s against {_n(f.redis_key_ceiling_per_s)}/s on one "
         f"thread: split over {plan.counter_splits} key(s) on as many primaries"
-        + (" (not what the admission code does yet: one key per space)" if plan.counter_splits > 1 else ""),
+        + (f" (waiting_room_splits = {plan.counter_splits})" if plan.counter_splits > 1 else ""),
         "  PostgreSQL: 1 primary (joins and renewals do not write to it; each node reads a space's "
         "state once a second)",
         f"  bandwidth: {edges.egress_gbps:,.1f} Gb/s from the edges, {origin.egress_mbps:,.1f} Mb/s "
