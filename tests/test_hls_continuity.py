@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import logging
 import threading
 import time
 
 import m3u8
+import pytest
 
 from townhall.audience.origin import SpaceStream
 from townhall.audience.packager import Packager, PartReady
@@ -155,3 +157,41 @@ def test_minutes_of_playlists_keep_every_rule() -> None:
     assert abs(last.start - (T0 + before_last)) < 0.001
     end = dt.datetime.fromtimestamp(last.start + last.duration, tz=dt.UTC)
     assert abs(end.timestamp() - (T0 + frames * FRAME_SAMPLES / SAMPLE_RATE)) < 1.0
+
+
+def test_one_failing_waiter_leaves_the_rest_of_its_list_answered(caplog: pytest.LogCaptureFixture) -> None:
+    """A held reload whose answer fails (its connection broke in a way nobody foresaw) is
+    logged; the others waiting on the same point are still told, on wake and on expiry."""
+
+    class Recorder:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.told = fail, ""
+
+        def ready(self, stream: SpaceStream) -> None:
+            self.told = "ready"
+            if self.fail:
+                raise RuntimeError("boom")
+
+        def expired(self) -> None:
+            self.told = "expired"
+            if self.fail:
+                raise RuntimeError("boom")
+
+    async def scenario() -> tuple[list[Recorder], list[Recorder]]:
+        ended = SpaceStream(SPEC, SEGMENT_PARTS)
+        on_end = [Recorder(fail=i == 0) for i in range(3)]
+        for waiter in on_end:
+            ended.hold(0, 0, waiter, within=5.0)
+        ended.end()  # the point will not come: every waiter is told so
+        timed = SpaceStream(SPEC, SEGMENT_PARTS)
+        on_timer = [Recorder(fail=i == 1) for i in range(3)]
+        for waiter in on_timer:
+            timed.hold(0, 0, waiter, within=0.05)
+        await asyncio.sleep(0.3)  # past the bound: the list's timer tells them
+        return on_end, on_timer
+
+    with caplog.at_level(logging.ERROR, logger="townhall.audience.origin"):
+        on_end, on_timer = asyncio.run(scenario())
+    assert [w.told for w in on_end] == ["expired"] * 3
+    assert [w.told for w in on_timer] == ["expired"] * 3
+    assert sum("could not be answered" in r.getMessage() for r in caplog.records) == 2

@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import time
 from typing import Protocol
 
 from townhall.audience.packager import PartReady
 from townhall.audience.playlist import Part, PlaylistSpec, Segment, has_part, render_live
+
+logger = logging.getLogger(__name__)
 
 RETAIN_SEGMENTS = 12
 # Waiters of one list due this close together are expired by the same timer call: a request
@@ -160,10 +163,7 @@ class SpaceStream:
                 held.timer.cancel()
             ready = has_part(self.segments, *point)
             for _, waiter in held.waiters:
-                if ready:
-                    waiter.ready(self)
-                else:
-                    waiter.expired()
+                _wake(waiter, self if ready else None)
 
     def _evict(self) -> None:
         while len(self.segments) > RETAIN_SEGMENTS:
@@ -209,7 +209,7 @@ class SpaceStream:
         due = loop.time() + EXPIRY_SLACK
         waiters = held.waiters
         while waiters and waiters[0][0] <= due:
-            waiters.popleft()[1].expired()
+            _wake(waiters.popleft()[1], None)
         if waiters:
             held.timer = loop.call_at(waiters[0][0], self._expire, point)
         else:
@@ -248,3 +248,15 @@ class Origin:
     def close(self) -> None:
         for space_id in list(self.streams):
             self.detach(space_id)
+
+
+def _wake(waiter: Waiter, stream: SpaceStream | None) -> None:
+    """Answer one held waiter (``ready`` with the stream, else ``expired``). One waiter's
+    failure is logged and does not leave the rest of its list unanswered or stop the stream."""
+    try:
+        if stream is not None:
+            waiter.ready(stream)
+        else:
+            waiter.expired()
+    except Exception:
+        logger.exception("a held blocking reload could not be answered")
