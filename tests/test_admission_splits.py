@@ -4,9 +4,14 @@ tokens that name a split, and two nodes on the machine's real Redis sharing the 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import socket
+import subprocess
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from tests.support import Api, assert_error, running_server
 from townhall.admission import waiting_room as wr
 from townhall.admission.queue_store import counters_key
 from townhall.admission.tickets import TicketBook
+from townhall.config import Config, ConfigError
 from townhall.security.signing import Signer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -212,3 +218,70 @@ def test_a_queue_token_from_before_a_change_of_k_is_refused_with_a_reason(tmp_pa
         assert_error(
             join(anon, space_id, queue_token=plain.json()["queue_token"]), 409, "queue_token_resplit"
         )
+
+
+@pytest.fixture
+def second_redis(tmp_path: Path) -> Iterator[str]:
+    """Another real Redis server on a free loopback port, for the splits to spread over."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_splits_live_on_the_servers_listed_split_k_on_server_k_mod_n(
+    tmp_path: Path, second_redis: str
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    servers = [REDIS_URL, second_redis]
+    cfg = dataclasses.replace(split_config(tmp_path, prefix, 3), waiting_room_redis_urls=",".join(servers))
+    with ExitStack() as stack:
+        a = stack.enter_context(running_server(cfg))
+        b = stack.enter_context(running_server(cfg))
+        host = a.client().user("host")
+        space_id = str(host.post("/api/v1/spaces", json={"title": "Spread"}).json()["id"])
+        assert host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
+        nodes = [a.client(), b.client()]
+        queued: dict[int, list[str]] = defaultdict(list)
+        for n in range(40):
+            r = join(nodes[n % 2], space_id)
+            assert r.status_code in (200, 202), r.text
+            if r.status_code == 202:
+                queued[payload(r.json()["queue_token"])["k"]].append(r.json()["queue_token"])
+        assert sorted(queued) == [0, 1, 2]
+        clients = [redis.Redis.from_url(url) for url in servers]
+        try:
+            for k in range(3):
+                key = f"{prefix}:wr:{{{space_id}:s{k}}}"
+                assert [bool(c.exists(key)) for c in clients] == [k % 2 == 0, k % 2 == 1], k
+        finally:
+            for c in clients:
+                c.close()
+        # A waiter's return reaches its split on its server from either node: admitted once.
+        a.clock.advance(100.0)
+        b.clock.advance(100.0)
+        token = queued[1][0]
+        assert join(nodes[1], space_id, queue_token=token).status_code == 200
+        assert_error(join(nodes[0], space_id, queue_token=token), 409)
+
+
+def test_split_servers_without_redis_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="waiting_room_redis_urls needs redis_url"):
+        Config.from_mapping({"waiting_room_redis_urls": "redis://127.0.0.1:6379/0"})

@@ -107,6 +107,9 @@ class Config:
     # in a cluster), each with 1/K of the space's rate, burst and cap: one Redis thread serves
     # ~7,000-10,000 updates/s of one key (BENCHMARKS.md, "Scale-out plan"; `townhall plan`).
     waiting_room_splits: int = 1
+    # Redis servers (comma-separated URLs, the same list in the same order on every node) that
+    # hold the splits: split k on server k mod n. Empty: all on redis_url.
+    waiting_room_redis_urls: str = ""
     node_max_listeners: int = 20_000
     node_join_rate: float = 2000.0
     node_join_burst: float = 2000.0
@@ -169,7 +172,12 @@ class Config:
             if name not in fields:
                 raise ConfigError(f"unknown setting {key!r}")
             changes[name] = _coerce(name, hints[name], raw)
-        return dataclasses.replace(base, **changes)
+        config = dataclasses.replace(base, **changes)
+        if config.waiting_room_redis_urls.strip() and not config.redis_url:
+            raise ConfigError(
+                "waiting_room_redis_urls needs redis_url: the waiting room is in memory without it"
+            )
+        return config
 
     @classmethod
     def from_toml(cls, path: Path, base: Config | None = None) -> Config:

@@ -6,8 +6,9 @@ names of ``Counters.to_fields``) plus one bit per arrival number (``...:wr:{spac
 queue token admits once; a space split K ways (``waiting_room_splits``) has one such pair per
 split, ``{redis_prefix}:wr:{<space>:s<k>}`` and ``...:used``, the braces a Redis Cluster hash
 tag: a split's two keys share a slot (one script touches both) while the K splits hash to
-different slots, which a cluster can place on different primaries (a split is only a key: the
-script is the same). Each operation runs as one Lua script: atomic on the Redis server, one
+different slots, which a cluster could place on different primaries (a split is only a key:
+the script is the same); without a cluster, ``shard_urls`` (``waiting_room_redis_urls``) puts
+split k on server k mod n. Each operation runs as one Lua script: atomic on the Redis server, one
 round trip, no retries when nodes race on one space. The script is the same arithmetic
 written again in Lua (a transaction with ``WATCH`` around the Python functions cost ~3.6x more
 Redis CPU per update, BENCHMARKS.md "Scale-out plan"); ``tests/test_admission_cores.py`` runs
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from townhall.admission import waiting_room as wr
@@ -210,19 +212,28 @@ return {outcome, number, r}
 class RedisQueueStore(QueueStore):
     """The waiting room on Redis, shared by every node of a fleet (one Lua call per operation)."""
 
-    def __init__(self, url: str, prefix: str = "townhall:wr:") -> None:
+    def __init__(self, url: str, prefix: str = "townhall:wr:", shard_urls: Sequence[str] = ()) -> None:
+        """``shard_urls``: Redis servers (primaries) for a split space's counters, split k on
+        ``shard_urls[k % n]`` — every node lists the same servers in the same order. Empty: all
+        on ``url``. An unsplit space's counters live on the first."""
         import redis.asyncio as aioredis
 
-        self.redis: Any = aioredis.Redis.from_url(url, decode_responses=True)
+        urls = list(shard_urls) or [url]
+        self.shards: list[Any] = [aioredis.Redis.from_url(u, decode_responses=True) for u in urls]
+        self.redis: Any = self.shards[0]
         self.prefix = prefix
-        self._script: Any = self.redis.register_script(_SCRIPT)
+        self._scripts: list[Any] = [shard.register_script(_SCRIPT) for shard in self.shards]
+
+    def _shard(self, split: int | None) -> int:
+        return (split or 0) % len(self.shards)
 
     async def _apply(self, step: Step) -> wr.JoinDecision | None:
         key, cap = self.prefix + counters_key(step.space_id, step.split), step.cap
+        script = self._scripts[self._shard(step.split)]
         args = [step.op, repr(step.now), repr(step.expires_at), cap.max_active, repr(cap.rate)]
         args += [repr(cap.burst), repr(cap.bucket_seconds), repr(step.arg)]
         args += ["1" if step.elsewhere_ok else "0", IDLE_SECONDS, "1" if step.may_queue else "0"]
-        outcome, number, released = (int(x) for x in await self._script(keys=[key, key + ":used"], args=args))
+        outcome, number, released = (int(x) for x in await script(keys=[key, key + ":used"], args=args))
         if step.op == "renew":
             return None
         if outcome == -1:
@@ -235,13 +246,17 @@ class RedisQueueStore(QueueStore):
 
     async def counters(self, space_id: str, split: int | None = None) -> wr.Counters:
         """The space's (or one split's) counters as stored (for tests and inspection)."""
-        return wr.Counters.from_fields(await self.redis.hgetall(self.prefix + counters_key(space_id, split)))
+        shard = self.shards[self._shard(split)]
+        return wr.Counters.from_fields(await shard.hgetall(self.prefix + counters_key(space_id, split)))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        for shard in self.shards:
+            await shard.aclose()
 
 
-def queue_store_from_url(url: str | None, prefix: str = "townhall") -> QueueStore:
+def queue_store_from_url(
+    url: str | None, prefix: str = "townhall", shard_urls: Sequence[str] = ()
+) -> QueueStore:
     if not url or url == "memory://":
         return MemoryQueueStore()
-    return RedisQueueStore(url, f"{prefix}:wr:")
+    return RedisQueueStore(url, f"{prefix}:wr:", shard_urls)

@@ -106,7 +106,11 @@ class Node:
             config,
             database=database,
             limiter=limiter,
-            store=queue_store_from_url(config.redis_url or None, config.redis_prefix),
+            store=queue_store_from_url(
+                config.redis_url or None,
+                config.redis_prefix,
+                [u.strip() for u in config.waiting_room_redis_urls.split(",") if u.strip()],
+            ),
             tickets=tickets,
             queue_tokens=QueueTokenBook(Signer(keys, QUEUE_PURPOSE), config.queue_token_ttl_seconds),
             pow_book=PowBook(Signer(keys, POW_PURPOSE), config.pow_challenge_ttl_seconds),
