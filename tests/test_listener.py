@@ -225,6 +225,13 @@ def test_urls_resolve_to_a_space_and_its_playlist() -> None:
         "http://h:8080/api/v1/spaces/Ab12",
         None,
     )
+    page = resolve("https://h/prefix/spaces/Ab12")  # the web page, as a browser shows it
+    assert (page.space_id, page.playlist_url, page.join_url, page.ticket) == (
+        "Ab12",
+        "https://h/prefix/hls/Ab12/live.m3u8",
+        "https://h/prefix/api/v1/spaces/Ab12",
+        None,
+    )
     t = resolve("https://h/prefix/hls/Ab12/live.m3u8?ticket=k1.x.y")
     assert (t.space_id, t.playlist_url, t.join_url, t.ticket) == (
         "Ab12",

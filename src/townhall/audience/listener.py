@@ -59,6 +59,8 @@ from townhall.admission.client import AdmissionRefused, admit
 RATE = 48000
 TICKET_COOKIE = "townhall_ticket"
 SPACE_PATH = re.compile(r"^(?P<base>.*)/api/v1/spaces/(?P<id>[A-Za-z0-9]{1,16})(?:/join)?/?$")
+# The space's web page, as a browser's address bar shows it.
+PAGE_PATH = re.compile(r"^(?P<base>.*)/spaces/(?P<id>[A-Za-z0-9]{1,16})/?$")
 HLS_PATH = re.compile(r"^(?P<base>.*)/hls/(?P<id>[A-Za-z0-9]{1,16})/[^/]+\.m3u8$")
 _ATTRIBUTE = re.compile(r'([A-Z0-9-]+)=("[^"]*"|[^,]*)')
 
@@ -445,7 +447,8 @@ class Target:
 
 def resolve(url: str) -> Target:
     """Accept a space URL (``{base}/api/v1/spaces/{id}``, as ``townhall demo`` prints it, or
-    its ``/join``) or a playlist URL (the join's ``hls_url``, ticket in ``?ticket=``)."""
+    its ``/join``), the space's web page (``{base}/spaces/{id}``) or a playlist URL (the
+    join's ``hls_url``, ticket in ``?ticket=``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ListenError(f"not an http(s) URL: {url!r}")
@@ -453,11 +456,15 @@ def resolve(url: str) -> Target:
     if m := SPACE_PATH.match(parts.path):
         space = m["id"]
         return Target(space, f"{origin}{m['base']}/hls/{space}/live.m3u8", f"{url.split('?')[0]}", None)
+    if m := PAGE_PATH.match(parts.path):
+        space, base = m["id"], f"{origin}{m['base']}"
+        return Target(space, f"{base}/hls/{space}/live.m3u8", f"{base}/api/v1/spaces/{space}", None)
     if m := HLS_PATH.match(parts.path):
         ticket = parse_qs(parts.query).get("ticket", [None])[0]
         return Target(m["id"], f"{origin}{parts.path}", None, ticket)
     raise ListenError(
-        f"{url!r} is neither a space URL (.../api/v1/spaces/ID) nor a playlist URL (.../hls/ID/live.m3u8)"
+        f"{url!r} is neither a space URL (.../api/v1/spaces/ID or the page .../spaces/ID) nor a "
+        "playlist URL (.../hls/ID/live.m3u8)"
     )
 
 
