@@ -406,28 +406,34 @@ def test_under_a_real_flood_new_anonymous_joins_are_shed_first_and_pages_and_ren
         ticket = join(listener, space_id).json()["ticket"]
         script = tmp_path / "join.lua"
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        flood = subprocess.Popen(
-            ["wrk", "-t1", "-c128", "-d5s", "-s", str(script), f"{server.url}/api/v1/spaces/{space_id}/join"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
         probes: dict[str, list[int]] = {"renew": [], "page": [], "host": []}
         shedder = server.node.admission.shedder
-        try:
-            time.sleep(1.0)  # the flood is on
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline:
-                r = listener.post(f"/api/v1/spaces/{space_id}/tickets/renew", json={"ticket": ticket})
-                probes["renew"].append(r.status_code)
-                if r.status_code == 200:
-                    ticket = r.json()["ticket"]
-                probes["page"].append(listener.get(f"/api/v1/spaces/{space_id}").status_code)
-                probes["host"].append(host.post(f"/api/v1/spaces/{space_id}/start").status_code)
-                time.sleep(0.02)
-        finally:
-            out, _ = flood.communicate(timeout=30)
-        assert "requests in" in out, out
+        # The flood must overload the node for shedding to show; how soon it does depends on
+        # the machine (it once did not in 5 s beside the suite's other worker): up to 3 floods.
+        target = f"{server.url}/api/v1/spaces/{space_id}/join"
+        for _ in range(3):
+            flood = subprocess.Popen(
+                ["wrk", "-t1", "-c128", "-d5s", "-s", str(script), target],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                time.sleep(1.0)  # the flood is on
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline:
+                    r = listener.post(f"/api/v1/spaces/{space_id}/tickets/renew", json={"ticket": ticket})
+                    probes["renew"].append(r.status_code)
+                    if r.status_code == 200:
+                        ticket = r.json()["ticket"]
+                    probes["page"].append(listener.get(f"/api/v1/spaces/{space_id}").status_code)
+                    probes["host"].append(host.post(f"/api/v1/spaces/{space_id}/start").status_code)
+                    time.sleep(0.02)
+            finally:
+                out, _ = flood.communicate(timeout=30)
+            assert "requests in" in out, out
+            if shedder.shed_by_class.get(Priority.ANONYMOUS_JOIN, 0) >= 10:
+                break
         by_class = dict(shedder.shed_by_class)
         anonymous = by_class.get(Priority.ANONYMOUS_JOIN, 0)
         assert anonymous >= 10, (by_class, out)  # the flood overloaded the node
