@@ -125,10 +125,13 @@ def test_kill_9_mid_space_loses_at_most_the_part_in_flight(tmp_path: Path) -> No
         start0 + t for t in find_chirps(pcm[: round(length0 * RATE)], RATE, ChirpTrack(INTERVAL).template)
     ]
     # Timed markers: the chirps in the replay's first epoch run without a gap from the first
-    # one sent to within one part of the kill. (Spacing may wobble by the jitter buffer's 20 ms
-    # steps; a lost chirp would leave a gap of two intervals.)
+    # one sent to within one part of the kill: every chirp sent is found (the count below). The
+    # spacing may wobble by the jitter buffer's 20 ms steps, and once by more when the speaker,
+    # in this test's process on a loaded machine, stalls (seen once: one 0.48 s spacing, the
+    # server concealing the late packets' time with silence); that is no loss of the recording.
     spacing = np.diff(onsets)
-    assert len(spacing) and spacing.min() > INTERVAL - 0.07 and spacing.max() < INTERVAL + 0.07, spacing
+    assert len(spacing) and spacing.min() > INTERVAL - 0.07 and spacing.max() < 2 * INTERVAL, spacing
+    assert np.count_nonzero(spacing > INTERVAL + 0.07) <= 1, spacing
     assert 0.0 < onsets[0] - markers[0] < 0.4, onsets[0] - markers[0]  # the first chirp is there
     assert onsets[-1] >= killed_at - PART - 0.15, onsets[-1] - killed_at  # and the last before the kill
     sent = [m for m in markers if m < killed_at - PART - 0.3]
