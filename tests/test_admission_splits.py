@@ -103,18 +103,24 @@ def join(api: Api, space_id: str, **body: str) -> httpx.Response:
     return api.post(f"/api/v1/spaces/{space_id}/join", json=body or None)
 
 
+def two_nodes_on_a_live_space(stack: ExitStack, cfg: Any, title: str) -> tuple[Any, Any, str, list[Api]]:
+    """Two nodes of one configuration and a live space hosted on the first; an anonymous
+    client of each node."""
+    a = stack.enter_context(running_server(cfg))
+    b = stack.enter_context(running_server(cfg))
+    host = a.client().user("host")
+    space_id = str(host.post("/api/v1/spaces", json={"title": title}).json()["id"])
+    assert host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
+    return a, b, space_id, [a.client(), b.client()]
+
+
 def test_two_nodes_share_three_splits_each_token_returns_to_its_split_and_the_rate_is_the_space_s(
     tmp_path: Path,
 ) -> None:
     prefix = f"t{uuid.uuid4().hex[:12]}"
     cfg = split_config(tmp_path, prefix, 3)
     with ExitStack() as stack:
-        a = stack.enter_context(running_server(cfg))
-        b = stack.enter_context(running_server(cfg))
-        host = a.client().user("host")
-        space_id = str(host.post("/api/v1/spaces", json={"title": "Split"}).json()["id"])
-        assert host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
-        nodes = [a.client(), b.client()]
+        a, b, space_id, nodes = two_nodes_on_a_live_space(stack, cfg, "Split")
         # 60 anonymous joiners, alternately on each node, each hashed to a split by its own id.
         admitted: dict[int, int] = defaultdict(int)
         tickets: list[str] = []
@@ -253,12 +259,7 @@ def test_the_splits_live_on_the_servers_listed_split_k_on_server_k_mod_n(
     servers = [REDIS_URL, second_redis]
     cfg = dataclasses.replace(split_config(tmp_path, prefix, 3), waiting_room_redis_urls=",".join(servers))
     with ExitStack() as stack:
-        a = stack.enter_context(running_server(cfg))
-        b = stack.enter_context(running_server(cfg))
-        host = a.client().user("host")
-        space_id = str(host.post("/api/v1/spaces", json={"title": "Spread"}).json()["id"])
-        assert host.post(f"/api/v1/spaces/{space_id}/start").status_code == 200
-        nodes = [a.client(), b.client()]
+        a, b, space_id, nodes = two_nodes_on_a_live_space(stack, cfg, "Spread")
         queued: dict[int, list[str]] = defaultdict(list)
         for n in range(40):
             r = join(nodes[n % 2], space_id)
