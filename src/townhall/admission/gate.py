@@ -121,6 +121,11 @@ class SpaceSnapshots:
             ).scalars()
             return SpaceSnapshot(state, frozenset(blocked), now)
 
+    def fresh(self, space_id: str) -> bool:
+        """Whether ``get`` would answer from memory now (no read, no wait)."""
+        built = self._built.get(space_id)
+        return space_id in self._snaps and built is not None and self.clock() - built < self.ttl
+
     def invalidate(self, space_id: str) -> None:
         self._snaps.pop(space_id, None)
 
@@ -156,6 +161,11 @@ class SessionCache:
         if hit[0] is None:
             raise Unauthorized("unknown, expired or revoked token", code="invalid_token")
         return hit[0]
+
+    def known(self, token: str) -> bool:
+        """Whether ``account_id`` would answer from memory now."""
+        hit = self._known.get(token_digest(token))
+        return hit is not None and 0 <= self.clock() - hit[1] < self.ttl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +224,18 @@ class Admission:
         self.refused = 0
         self.admitted = 0
         self.queued = 0
+
+    def in_memory(self, space_id: str, authorization: str | None) -> bool:
+        """Whether a join or renewal on ``space_id`` needs no I/O now: limits and waiting room
+        in process memory, the space's snapshot fresh, the bearer token's session (if any)
+        remembered. Then the async join runs to its end without suspending (what lets the HTTP
+        protocol answer it in its callback, ``control.fastproto``); else it takes the ASGI way."""
+        if not (self.limiter.in_memory and self.store.in_memory and self.snapshots.fresh(space_id)):
+            return False
+        if authorization is None:
+            return True
+        scheme, _, token = authorization.partition(" ")
+        return scheme.lower() == "bearer" and 0 < len(token) <= 256 and self.sessions.known(token.strip())
 
     # -- refusals --------------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ class LimitDecision:
 class Limiter(Protocol):
     """Counts hits of ``key`` against ``rule`` (``"10/minute"``)."""
 
+    # True when every hit is answered from process memory without suspending.
+    in_memory: bool
+
     async def hit(self, rule: str, *key: str) -> LimitDecision: ...
 
     async def close(self) -> None: ...
@@ -56,6 +59,7 @@ class LimitsLimiter:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
+        self.in_memory = isinstance(storage, MemoryStorage)
         self._strategy = MovingWindowRateLimiter(storage)
         self._rules: dict[str, RateLimitItem] = {}
 

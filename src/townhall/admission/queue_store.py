@@ -63,6 +63,9 @@ class QueueStore(abc.ABC):
     the decision out (``None`` for a renewal, which decides nothing); the public operations
     below are the same for every store."""
 
+    # True when every operation is answered from process memory without suspending.
+    in_memory = False
+
     async def join(
         self,
         space_id: str,
@@ -117,6 +120,8 @@ class QueueStore(abc.ABC):
 
 
 class MemoryQueueStore(QueueStore):
+    in_memory = True
+
     def __init__(self) -> None:
         self.counters: dict[str, wr.Counters] = {}
         self.used: dict[str, bytearray] = {}

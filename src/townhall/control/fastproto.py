@@ -21,6 +21,15 @@ such a request:
   stream's list for that point (``SpaceStream.hold``: one list and one timer per point, no
   per-request task or timer); when the playlist gets the point, the answer is built once and
   written to every waiting connection; past the bound, the route's 503.
+- a join or a ticket renewal (``POST /api/v1/spaces/{id}/join`` or ``.../tickets/renew``) whose
+  admission needs no I/O (``Admission.in_memory``: memory limits and waiting room, the space's
+  snapshot fresh, the bearer token's session remembered), with a declared body within the
+  limit and no trusted proxies to read ``X-Forwarded-For`` through: its body is collected, the
+  shedder decides as the shedding middleware would (the same ``control.shed`` functions, the
+  queueing delay from a ``LoopDelay`` probe), and ``routes.admission.answer`` (the one
+  implementation the ASGI route runs too) is driven to its end inside the callback: it does
+  not suspend, so no task is made. Should it suspend after all (a snapshot expiring in
+  between), the same coroutine goes on as a task and its answer is written when it ends.
 - anything else: the request goes to the ASGI app exactly as uvicorn would send it, so every
   error and rare case keeps its one implementation in the routes.
 
@@ -37,17 +46,27 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
+import logging
 import time
-from typing import Any, ClassVar
+from collections.abc import Coroutine, Generator
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import Histogram
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from townhall.admission.shedding import Priority, classify
 from townhall.audience.origin import SpaceStream
 from townhall.control.app import MetricsMiddleware
 from townhall.control.node import Node
 from townhall.control.routes import hls
+from townhall.control.routes.admission import FAST_PATH, TEMPLATES, JoinCall, Reply, answer
+from townhall.control.routes.hls import TICKET_COOKIE
+from townhall.control.shed import SHED_BODY, LoopDelay, shed, shed_headers, vouches
+
+logger = logging.getLogger(__name__)
 
 
 class _InFlight:
@@ -58,6 +77,69 @@ class _InFlight:
 
 
 _IN_FLIGHT: Any = _InFlight()
+
+
+class _Route(Protocol):
+    path: str
+
+
+class _Sendable(Protocol):
+    """What ``ListenerProtocol._send`` writes: an ``hls.Answer`` or a ``_Written`` reply."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def route(self) -> _Route | None: ...
+    @property
+    def lines(self) -> bytes: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+class _Written:
+    """A join's ``Reply`` as ``_send`` writes it (``route`` None: not counted, as a shed
+    request is not in the ASGI path either)."""
+
+    __slots__ = ("body", "lines", "route", "status")
+
+    def __init__(self, reply: Reply, route: _Route | None) -> None:
+        self.status = reply.status
+        self.route = route
+        self.lines = b"".join(name + b": " + value + b"\r\n" for name, value in reply.headers)
+        self.body = reply.body
+
+
+_INTERNAL = Reply(
+    500,
+    [(b"content-length", b"67"), (b"content-type", b"application/json")],
+    b'{"error":{"code":"internal","message":"internal error; it has been logged"}}',
+)
+_INTERNAL.headers[0] = (b"content-length", str(len(_INTERNAL.body)).encode())
+
+
+class _Resumed:
+    """A coroutine that suspended after it was started by hand, as an awaitable a task can run
+    on from where it stopped (its first wait handed back as it was)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Reply], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Reply]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # a cancellation: into the coroutine, as a task would
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
 
 
 class _Tally:
@@ -111,8 +193,8 @@ class _Metrics:
         self.wake = _Tally(wake) if wake is not None else None
         self.flush_pending = False
 
-    def count(self, method: str, answer: hls.Answer, seconds: float) -> None:
-        if self.layer is None:
+    def count(self, method: str, answer: _Sendable, seconds: float) -> None:
+        if self.layer is None or answer.route is None:
             return
         route = answer.route.path
         key = (method, route, answer.status)
@@ -166,10 +248,22 @@ class ListenerProtocol(HttpToolsProtocol):
     # Slots, not the instance dict: uvicorn's protocol already has 28 attributes, and past 30 a
     # dict no longer shares its keys with the class's other instances (~1.4 KiB more for every
     # connection, measured with 10,000 held).
-    __slots__ = ("_date_lines", "_held", "_hot", "_idle_since", "_idle_timer", "_wire_date")
+    __slots__ = (
+        "_closing_after_join",
+        "_date_lines",
+        "_held",
+        "_hot",
+        "_idle_since",
+        "_idle_timer",
+        "_join",
+        "_join_body",
+        "_joining",
+        "_wire_date",
+    )
 
     node: ClassVar[Node]
     asgi_app: ClassVar[ASGIApp]
+    loop_delay: ClassVar[LoopDelay]
     _metrics: ClassVar[_Metrics | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -183,6 +277,12 @@ class ListenerProtocol(HttpToolsProtocol):
         # last went idle, not a timer armed and cancelled per request (uvicorn's way).
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        # The join being read here: its call, keep-alive, start; its body so far; and the task
+        # of one that suspended (``_Resumed``), in flight.
+        self._join: tuple[JoinCall, bool, float] | None = None
+        self._join_body: list[bytes] = []
+        self._joining: asyncio.Future[Reply] | None = None
+        self._closing_after_join = False
 
     @classmethod
     def metrics(cls) -> _Metrics:
@@ -209,17 +309,22 @@ class ListenerProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self.headers = []
         self._hot = False
+        self._join = None
 
     def on_headers_complete(self) -> None:
-        if not self._answer_here():
+        if not self._answer_here() and not self._join_here():
             self._to_asgi()
 
     def on_body(self, body: bytes) -> None:
-        if not self._hot:
+        if self._join is not None:
+            self._join_body.append(body)
+        elif not self._hot:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._hot:
+        if self._join is not None:
+            self._run_join()
+        elif not self._hot:
             super().on_message_complete()
 
     # -- the ASGI way ----------------------------------------------------------------------------
@@ -229,7 +334,7 @@ class ListenerProtocol(HttpToolsProtocol):
         super().on_message_begin()  # uvicorn's scope for this request
         self.url, self.headers, self.expect_100_continue = url, headers, expect
         self.scope["headers"] = headers
-        if self._held is None:
+        if self._held is None and self._joining is None:
             super().on_headers_complete()
             return
         previous, self.cycle = self.cycle, _IN_FLIGHT
@@ -265,7 +370,98 @@ class ListenerProtocol(HttpToolsProtocol):
             self._send(method, keep_alive, start, found)
         return True
 
-    def _send(self, method: str, keep_alive: bool, start: float, answer: hls.Answer) -> None:
+    # -- a join or a renewal -----------------------------------------------------------------------
+
+    def _join_here(self) -> bool:
+        """Whether this request is a join or renewal to answer here (module docstring); if so,
+        its body is collected and ``_run_join`` answers it once complete."""
+        url = self.url
+        if not url.startswith(b"/api/v1/spaces/") or self._held is not None or self._joining is not None:
+            return False
+        cycle = self.cycle
+        if self.pipeline or (cycle is not None and not cycle.response_complete) or self.flow.write_paused:
+            return False
+        if self.limit_concurrency is not None or self.parser.should_upgrade() or self.root_path:
+            return False
+        if self.parser.get_method() != b"POST":
+            return False
+        m = FAST_PATH.fullmatch(url.decode("ascii", "replace"))  # a query or an escape: ASGI's
+        node = self.node
+        if m is None or node.config.trusted_proxies or self.client is None:
+            return False
+        length = host = authorization = cookie = None
+        for name, value in self.headers:
+            if name == b"content-length" and length is None:
+                length = value
+            elif name == b"host" and host is None:
+                host = value
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"cookie" and cookie is None:
+                cookie = value.decode("latin-1")
+            elif name in (b"transfer-encoding", b"expect"):
+                return False
+        if length is None or not length.isdigit() or int(length) > node.config.max_body_bytes:
+            return False  # the body-limit middleware's 413, or a body of unknown length
+        base = node.config.public_url.rstrip("/")
+        if not base:
+            if not host:
+                return False
+            base = f"{self.scheme}://{host.decode('latin-1')}"
+        space_id, what = m.group(1), m.group(2)
+        if not node.admission.in_memory(space_id, authorization):
+            return False
+        ticket = cookie_parser(cookie).get(TICKET_COOKIE) if cookie and what != "join" else None
+        call = JoinCall(space_id, what, self.client[0], authorization, ticket, base)
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self._join = (call, keep_alive, time.perf_counter())
+        self._join_body = []
+        return True
+
+    def _run_join(self) -> None:
+        join, self._join = self._join, None
+        assert join is not None
+        call, keep_alive, start = join
+        body = b"".join(self._join_body)
+        self._join_body = []
+        node = self.node
+        # The shedding middleware's decision, on the same class and the same controller.
+        priority = classify(
+            "POST", f"/api/v1/spaces/{call.space_id}/{call.what}", call.authorization is not None
+        )
+        if priority is Priority.ANONYMOUS_JOIN and vouches(body):
+            priority = Priority.JOIN
+        now = time.perf_counter()
+        if shed(node.admission, priority, self.loop_delay.delay(self.loop, now), now):
+            self._send("POST", keep_alive, start, _Written(Reply(503, shed_headers(), SHED_BODY), None))
+            return
+        coro = answer(node, call, body)
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            reply: Reply = done.value
+        except Exception:
+            logger.exception("join failed", extra={"space_id": call.space_id})
+            reply = _INTERNAL
+        else:  # it waits for I/O after all: the same coroutine goes on as a task
+            joining = self._joining = asyncio.ensure_future(_Resumed(coro, first))
+            joining.add_done_callback(functools.partial(self._joined, call, keep_alive, start))
+            return
+        self._send("POST", keep_alive, start, _Written(reply, TEMPLATES[call.what]))
+
+    def _joined(self, call: JoinCall, keep_alive: bool, start: float, joining: asyncio.Future[Reply]) -> None:
+        self._joining = None
+        if joining.cancelled() or self.transport.is_closing():
+            return
+        exc = joining.exception()
+        if exc is not None:
+            logger.error("join failed", exc_info=exc, extra={"space_id": call.space_id})
+        reply = _INTERNAL if exc is not None else joining.result()
+        if self._closing_after_join:
+            keep_alive = False
+        self._send("POST", keep_alive, start, _Written(reply, TEMPLATES[call.what]))
+
+    def _send(self, method: str, keep_alive: bool, start: float, answer: _Sendable) -> None:
         dates = self.server_state.default_headers
         if dates is not self._wire_date:
             self._wire_date = dates
@@ -324,6 +520,9 @@ class ListenerProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
+        if self._joining is not None:
+            self._closing_after_join = True  # its answer closes the connection
+            return
         if self._held is not None:
             # As uvicorn does for a request in flight: let it finish (its answer or the route's
             # 503 at the bound), then close, within the server's graceful-shutdown time.
@@ -346,4 +545,5 @@ def listener_protocol(node: Node, app: ASGIApp) -> type[ListenerProtocol]:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-    return type("NodeListenerProtocol", (ListenerProtocol,), {"node": node, "asgi_app": app})
+    attributes = {"node": node, "asgi_app": app, "loop_delay": LoopDelay()}
+    return type("NodeListenerProtocol", (ListenerProtocol,), attributes)

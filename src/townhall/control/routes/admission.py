@@ -7,19 +7,21 @@ the space's state and block list come from the node's snapshot (``admission.gate
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from townhall.admission.gate import Admission, Admitted
+from townhall.admission.tickets import Ticket
 from townhall.control.deps import Admin, NodeDep, client_address, iso, public_base
 from townhall.control.node import Node
-from townhall.control.routes.hls import TICKET_COOKIE, set_ticket_cookie
+from townhall.control.routes.hls import TICKET_COOKIE
 from townhall.control.schemas import ErrorOut, JoinOut
 from townhall.errors import ApiError, BadRequest, Forbidden, Unauthorized, UnprocessableEntity
 
@@ -93,22 +95,79 @@ class AttackModeOut(BaseModel):
     shed_total: int
 
 
-def _admitted(request: Request, node: Node, space_id: str, done: Admitted) -> Response:
+# -- the join, for every way in --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JoinCall:
+    """What a join or a renewal needs of its request, whichever way it came in (the ASGI
+    route, ``JoinFastPath`` or the HTTP protocol itself, ``control.fastproto``): the asker's
+    address (after trusted proxies), its ``Authorization`` header, the ticket cookie, and the
+    base of the links to hand back."""
+
+    space_id: str
+    what: str  # "join" or "tickets/renew"
+    address: str
+    authorization: str | None
+    cookie_ticket: str | None
+    base: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete answer: status, headers (lower-case names, in order, without the server's
+    ``date``/``server``) and body. The ASGI path sends these headers as they are and the
+    protocol path writes them as they are: the two cannot drift apart."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+_JSON = (b"content-type", b"application/json")
+_PRIVATE = (b"cache-control", b"private, no-store")
+
+
+def _reply(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Reply:
+    return Reply(status, [(b"content-length", str(len(body)).encode()), _JSON, *extra], body)
+
+
+def error_reply(exc: ApiError) -> Reply:
+    """An ``ApiError`` as the app's error handler renders it (``control.app.error_response``)."""
+    body = json.dumps(
+        {"error": {"code": exc.code, "message": exc.message}},
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+    if exc.retry_after is None:
+        return _reply(exc.status, body)
+    return _reply(exc.status, body, (b"retry-after", str(exc.retry_after).encode()))
+
+
+def _cookie(node: Node, token: str, ticket: Ticket) -> tuple[bytes, bytes]:
+    """The ``townhall_ticket`` cookie, byte for byte what ``routes.hls.set_ticket_cookie``
+    (Starlette's ``set_cookie``) writes; the token is base64url and dots: nothing to quote."""
+    max_age = max(1, int(ticket.expires_at - node.clock()))
+    secure = "; Secure" if node.config.effective_public_url.startswith("https:") else ""
+    path = f"/hls/{ticket.space_id}/"
+    value = f"{TICKET_COOKIE}={token}; HttpOnly; Max-Age={max_age}; Path={path}; SameSite=lax{secure}"
+    return (b"set-cookie", value.encode("latin-1"))
+
+
+def _admitted(call: JoinCall, node: Node, done: Admitted) -> Reply:
+    space_id = call.space_id
     out = JoinOut(
         ticket=done.token,
-        hls_url=f"{public_base(request, node)}/hls/{space_id}/live.m3u8?ticket={done.token}",
+        hls_url=f"{call.base}/hls/{space_id}/live.m3u8?ticket={done.token}",
         expires_at=iso(done.ticket.expires_at),
         listener=done.ticket.listener,
     )
-    response = Response(out.model_dump_json().encode(), media_type="application/json")
-    set_ticket_cookie(response, node, done.token, done.ticket)
-    response.headers["Cache-Control"] = "private, no-store"
     node.hub.listener_seen(space_id, done.ticket.listener)
-    return response
+    return _reply(200, out.model_dump_json().encode(), _cookie(node, done.token, done.ticket), _PRIVATE)
 
 
-async def _account(gate: Admission, request: Request) -> int | None:
-    header = request.headers.get("authorization")
+async def _account(gate: Admission, header: str | None) -> int | None:
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -117,20 +176,20 @@ async def _account(gate: Admission, request: Request) -> int | None:
     return await gate.sessions.account_id(token.strip())
 
 
-async def _join(request: Request, node: Node, space_id: str, body: JoinBody) -> Response:
-    """The join, for the route and the fast path alike."""
+async def _join(node: Node, call: JoinCall, body: JoinBody) -> Reply:
+    """The join, for the route and both fast paths alike."""
     gate = node.admission
-    address = client_address(request)
+    address = call.address
     returning = body.queue_token is not None
     await gate.limit_address("renew" if returning else "join", address)
-    account = await _account(gate, request)
+    account = await _account(gate, call.authorization)
     if account is not None:
         await gate.limit_listener("renew" if returning else "join", f"a{account}")
     elif not returning:
         await gate.check_pow(body.pow_challenge, body.pow_nonce)
-    done = await gate.join(space_id, account, body.queue_token, address)
+    done = await gate.join(call.space_id, account, body.queue_token, address)
     if isinstance(done, Admitted):
-        return _admitted(request, node, space_id, done)
+        return _admitted(call, node, done)
     out = QueuedOut(
         queue_token=done.token,
         position=done.wait.position,
@@ -139,24 +198,63 @@ async def _join(request: Request, node: Node, space_id: str, body: JoinBody) -> 
         arrived_at=iso(done.queue.arrived_at),
         expires_at=iso(done.queue.expires_at),
     )
-    return Response(
-        out.model_dump_json().encode(),
-        status_code=202,
-        media_type="application/json",
-        headers={"Retry-After": str(done.wait.retry_after), "Cache-Control": "private, no-store"},
+    retry = (b"retry-after", str(done.wait.retry_after).encode())
+    return _reply(202, out.model_dump_json().encode(), retry, _PRIVATE)
+
+
+async def _renew(node: Node, call: JoinCall, body: RenewBody) -> Reply:
+    gate = node.admission
+    token = body.ticket or call.cookie_ticket
+    await gate.limit_address("renew", call.address)
+    if not token:
+        raise Forbidden('send the ticket to renew: {"ticket": ...}', code="ticket_required")
+    listener = gate.listener_of(token, call.space_id)
+    if listener is not None:
+        await gate.limit_listener("renew", listener)
+    return _admitted(call, node, await gate.renew(call.space_id, token))
+
+
+def _parse(what: str, raw: bytes) -> JoinBody | RenewBody:
+    model = JoinBody if what == "join" else RenewBody
+    try:
+        return model.model_validate_json(raw) if raw.strip() else model()
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+        where = ".".join(str(p) for p in errors[0].get("loc", ())) or "body"
+        raise UnprocessableEntity(f"{where}: {errors[0].get('msg', 'invalid')}") from None
+
+
+async def answer(node: Node, call: JoinCall, raw: bytes) -> Reply:
+    """A join or renewal from its raw body to its complete answer, refusals included: the one
+    implementation every path runs. With memory limits and waiting room, a cached snapshot and
+    (for an account) a cached session, it never suspends, which is what lets
+    ``control.fastproto`` run it to the end inside the protocol's callback."""
+    try:
+        body = _parse(call.what, raw)
+        if call.what == "join":
+            return await _join(node, call, body)  # type: ignore[arg-type]
+        return await _renew(node, call, body)  # type: ignore[arg-type]
+    except ApiError as exc:
+        return error_reply(exc)
+
+
+def _call(request: Request, node: Node, space_id: str, what: str) -> JoinCall:
+    return JoinCall(
+        space_id,
+        what,
+        client_address(request),
+        request.headers.get("authorization"),
+        request.cookies.get(TICKET_COOKIE) if what != "join" else None,
+        public_base(request, node),
     )
 
 
-async def _renew(request: Request, node: Node, space_id: str, body: RenewBody) -> Response:
-    gate = node.admission
-    token = body.ticket or request.cookies.get(TICKET_COOKIE)
-    await gate.limit_address("renew", client_address(request))
-    if not token:
-        raise Forbidden('send the ticket to renew: {"ticket": ...}', code="ticket_required")
-    listener = gate.listener_of(token, space_id)
-    if listener is not None:
-        await gate.limit_listener("renew", listener)
-    return _admitted(request, node, space_id, await gate.renew(space_id, token))
+def _response(reply: Reply) -> Response:
+    response = Response(reply.body, status_code=reply.status)
+    response.raw_headers = list(reply.headers)
+    return response
 
 
 @router.post(
@@ -171,9 +269,10 @@ async def join(request: Request, space_id: SpaceId, node: NodeDep, body: JoinBod
     `Retry-After`; send the token back then. **429**: too many joins from your address,
     network or account (`Retry-After`). **403** `pow_required`: the node is under attack and
     anonymous joins need a proof of work (log in, or solve `GET /api/v1/pow/challenge`).
-    **503**: shed under overload (`Retry-After`). (Served by `JoinFastPath`; this route is
-    its description and its fallback.)"""
-    return await _join(request, node, space_id, body or JoinBody())
+    **503**: shed under overload (`Retry-After`). (Served in the HTTP protocol or by
+    `JoinFastPath`; this route is their description and their fallback.)"""
+    reply = await _join(node, _call(request, node, space_id, "join"), body or JoinBody())
+    return _response(reply)
 
 
 @router.post("/spaces/{space_id}/tickets/renew", response_model=JoinOut, responses=_REFUSALS)
@@ -181,12 +280,13 @@ async def renew(request: Request, space_id: SpaceId, node: NodeDep, body: RenewB
     """Trade a still valid ticket of this space for a fresh one (same listener), before it
     expires. No database call; limited per address, network and listener at a higher
     allowance than joins. A listener who was blocked, or a space that ended, is refused."""
-    return await _renew(request, node, space_id, body or RenewBody())
+    reply = await _renew(node, _call(request, node, space_id, "tickets/renew"), body or RenewBody())
+    return _response(reply)
 
 
 # -- the fast path -------------------------------------------------------------------------------
 
-_FAST = re.compile(r"/api/v1/spaces/([A-Za-z0-9]{1,16})/(join|tickets/renew)")
+FAST_PATH = re.compile(r"/api/v1/spaces/([A-Za-z0-9]{1,16})/(join|tickets/renew)")
 
 
 class _Template:
@@ -196,7 +296,7 @@ class _Template:
         self.path = path
 
 
-_TEMPLATES = {
+TEMPLATES = {
     "join": _Template("/api/v1/spaces/{space_id}/join"),
     "tickets/renew": _Template("/api/v1/spaces/{space_id}/tickets/renew"),
 }
@@ -206,44 +306,26 @@ class JoinFastPath:
     """ASGI middleware: joins and renewals answered before routing. FastAPI's routing (matching
     the path against every route, building the dependency graph) costs more than the whole
     admission; a join storm is exactly where that matters. Same code, same answers: the route
-    above and this path both call ``_join``/``_renew``. Install inside the metrics middleware."""
+    above, this path and the protocol's (``control.fastproto``) all run ``_join``/``_renew``.
+    Install inside the metrics middleware."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/api/v1/"):
-            m = _FAST.fullmatch(scope["path"])
+            m = FAST_PATH.fullmatch(scope["path"])
             if m is not None:
-                scope["route"] = _TEMPLATES[m.group(2)]
+                scope["route"] = TEMPLATES[m.group(2)]
                 scope["path_params"] = {"space_id": m.group(1)}
-                await self._answer(m.group(1), m.group(2), scope, receive, send)
+                request = Request(scope, receive)
+                node: Node = scope["app"].state.node
+                raw = await request.body()
+                reply = await answer(node, _call(request, node, m.group(1), m.group(2)), raw)
+                await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+                await send({"type": "http.response.body", "body": reply.body})
                 return
         await self.app(scope, receive, send)
-
-    async def _answer(self, space_id: str, what: str, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        node: Node = scope["app"].state.node
-        try:
-            raw = await request.body()
-            model = JoinBody if what == "join" else RenewBody
-            try:
-                body = model.model_validate_json(raw) if raw.strip() else model()
-            except ValidationError as exc:
-                errors = exc.errors()
-                if any(e.get("type") == "json_invalid" for e in errors):
-                    raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
-                where = ".".join(str(p) for p in errors[0].get("loc", ())) or "body"
-                raise UnprocessableEntity(f"{where}: {errors[0].get('msg', 'invalid')}") from None
-            if what == "join":
-                response = await _join(request, node, space_id, body)  # type: ignore[arg-type]
-            else:
-                response = await _renew(request, node, space_id, body)  # type: ignore[arg-type]
-        except ApiError as exc:
-            payload = {"error": {"code": exc.code, "message": exc.message}}
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-            response = JSONResponse(payload, exc.status, headers=headers)
-        await response(scope, receive, send)
 
 
 @router.get("/pow/challenge", response_model=ChallengeOut)
