@@ -63,6 +63,9 @@ class Config:
     # The stage process asks for real-time scheduling (SCHED_RR) so that its 20 ms ticks are
     # woken on time whatever else runs; it falls back to nice where that is not permitted.
     stage_realtime: bool = True
+    # Stage processes on this node, each space placed on one (each mixes on one core at most).
+    # 0: one per CPU the node may use. They start as spaces need them: one space, one process.
+    stage_processes: int = 0
     # LL-HLS: part duration (0.2-1.0 s), parts per segment, AAC-LC bitrate of the program mix.
     hls_part_seconds: float = 0.5
     hls_segment_parts: int = 4

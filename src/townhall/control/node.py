@@ -43,7 +43,8 @@ from townhall.spaces.live import LiveHub
 from townhall.spaces.service import Outcome
 from townhall.stage.channel import StageError
 from townhall.stage.ice import media_addresses_for
-from townhall.stage.process import StageProcess, StageSettings, speaker_key
+from townhall.stage.pool import StagePool, default_stage_processes
+from townhall.stage.process import StageSettings, speaker_key
 from townhall.storage.database import Database
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Node:
     grants: GrantBook
     tickets: TicketBook
     hub: LiveHub
-    stage: StageProcess
+    stage: StagePool
     origin: Origin
     placement: Placement
     admission: Admission
@@ -88,7 +89,9 @@ class Node:
             segment_target=config.hls_part_seconds * config.hls_segment_parts,
         )
         origin = Origin(spec, config.hls_segment_parts)
-        stage = StageProcess(
+        if config.stage_processes < 0:
+            raise ConfigError("stage_processes must be 0 (one per CPU) or more")
+        stage = StagePool(
             origin,
             StageSettings(
                 media_root=str(config.data / "media"),
@@ -99,6 +102,7 @@ class Node:
                 log_level=config.log_level,
                 realtime=config.stage_realtime,
             ),
+            config.stage_processes or default_stage_processes(),
         )
         limiter = limiter or LimitsLimiter.from_url(config.redis_url or None, config.redis_prefix)
         tickets = TicketBook(Signer(keys, TICKET_PURPOSE), config.ticket_ttl_seconds)

@@ -25,13 +25,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from townhall.audience.origin import Origin
 from townhall.audience.packager import PartReady
 from townhall.stage.channel import Channel, ChannelClosed, Message, StageError
+
+if TYPE_CHECKING:
+    from townhall.stage.pool import StagePool
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +70,13 @@ class Session:
 
 
 class StageProcess:
-    def __init__(self, origin: Origin, settings: StageSettings) -> None:
+    """One stage process, supervised. A node runs several (``stage/pool.py``, ``StagePool``,
+    places each space on one); ``index`` names this one in logs and ``/metrics``."""
+
+    def __init__(self, origin: Origin, settings: StageSettings, index: int = 0) -> None:
         self.origin = origin
         self.settings = settings
+        self.index = index
         self.sessions: dict[str, Session] = {}
         self.levels_by_space: dict[str, dict[str, float]] = {}
         self.stats: dict[str, Any] = {"at": 0.0, "rooms": {}}
@@ -93,18 +100,17 @@ class StageProcess:
         """Start the stage process now (a server does, at start-up). Otherwise it starts on
         first need: an admin command or a node that never hosts a space never spawns one."""
         if self._task is None and not self._stopping:
-            self._task = asyncio.create_task(self._supervise(), name="stage-process")
+            self._task = asyncio.create_task(self._supervise(), name=f"stage-process-{self.index}")
 
     async def stop(self) -> None:
         """Close the channel: the stage process closes its rooms, flushes its packagers and
-        exits; it is killed if it has not within 10 s."""
+        exits; it is killed if it has not within 10 s. The origin is the pool's, closed by it."""
         self._stopping = True
         if self._channel is not None:
             await self._channel.close()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.origin.close()
 
     async def _supervise(self) -> None:
         while not self._stopping:
@@ -117,7 +123,9 @@ class StageProcess:
             if self._stopping:
                 break
             self.restarts += 1
-            logger.error("stage process exited; restarting", extra={"restarts": self.restarts})
+            logger.error(
+                "stage process exited; restarting", extra={"stage_process": self.index, "restarts": self.restarts}
+            )
             await asyncio.sleep(RESTART_DELAY)
 
     async def _run_once(self) -> None:
@@ -157,7 +165,7 @@ class StageProcess:
                     self.origin.attach(space_id).restart()
                     await channel.request("start", space=space_id)
             self._ready.set()
-            logger.info("stage process ready", extra={"pid": self.pid})
+            logger.info("stage process ready", extra={"stage_process": self.index, "pid": self.pid})
             await running
         finally:
             self._ready.clear()
@@ -290,9 +298,13 @@ class StageProcess:
 
 
 class StageCollector:
-    """Prometheus view of the stage process: rooms, sessions and 20 ms tick lateness."""
+    """Prometheus view of the node's stage processes: rooms, sessions and 20 ms tick lateness.
 
-    def __init__(self, stage: StageProcess) -> None:
+    Per room figures are merged across processes the way they were across rooms (a room lives
+    in one process): rooms, peers, ticks and late ticks are sums, the lateness quantiles are
+    the worst room's. CPU is the sum over the running processes, and per process by index."""
+
+    def __init__(self, stage: StagePool) -> None:
         self.stage = stage
 
     def collect(self) -> Iterator[Metric]:
@@ -315,7 +327,9 @@ class StageCollector:
         ticks = CounterMetricFamily("townhall_stage_ticks", "mixer ticks run")
         ticks.add_metric([], sum(int(r["ticks"]) for r in rooms_now.values()))
         yield ticks
-        restarts = CounterMetricFamily("townhall_stage_restarts", "times the stage process was restarted")
+        restarts = CounterMetricFamily(
+            "townhall_stage_restarts", "times a stage process was restarted (all processes)"
+        )
         restarts.add_metric([], self.stage.restarts)
         yield restarts
         late_ticks = GaugeMetricFamily(
@@ -328,14 +342,35 @@ class StageCollector:
                 [over], sum(int(r.get("late_ticks", {}).get(over, 0)) for r in rooms_now.values())
             )
         yield late_ticks
-        seconds = process_cpu_seconds(self.stage.pid)
-        if seconds is not None:
+        processes = GaugeMetricFamily(
+            "townhall_stage_processes", "stage processes running (at most stage_processes)"
+        )
+        processes.add_metric([], sum(1 for p in self.stage.processes if p.running))
+        yield processes
+        spaces = GaugeMetricFamily(
+            "townhall_stage_process_spaces", "spaces placed on each stage process", labels=["process"]
+        )
+        for index, load in enumerate(self.stage.loads()):
+            spaces.add_metric([str(index)], load.spaces)
+        yield spaces
+        each = {p.index: process_cpu_seconds(p.pid) for p in self.stage.processes if p.running}
+        if any(s is not None for s in each.values()):
             cpu = CounterMetricFamily(
                 "townhall_stage_process_cpu_seconds",
-                "user + system CPU time of the running stage process (restarts at 0 with it)",
+                "user + system CPU time of the running stage processes, summed (each restarts at 0 with "
+                "its process)",
             )
-            cpu.add_metric([], seconds)
+            cpu.add_metric([], sum(s for s in each.values() if s is not None))
             yield cpu
+            by_process = CounterMetricFamily(
+                "townhall_stage_worker_cpu_seconds",
+                "user + system CPU time of each running stage process",
+                labels=["process"],
+            )
+            for index, seconds in each.items():
+                if seconds is not None:
+                    by_process.add_metric([str(index)], seconds)
+            yield by_process
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:

@@ -1,0 +1,251 @@
+"""Several stage processes on one node, each space placed on one of them.
+
+Theory of operation
+-------------------
+A stage process is one event loop: it mixes every space it holds on one core and no more
+(BENCHMARKS.md, "Stage": full past ~7 three-speaker spaces, whatever the machine has). A node
+therefore runs up to ``stage_processes`` of them (default: one per CPU) and places each space
+on one when its stage starts:
+
+- **Least loaded.** A process's load is ``SPACE_COST`` per space plus one per live speaker
+  (WHIP session): the measured cost of a space is ~0.06 core with nobody on stage and ~0.03
+  more per speaker with their mix-minus return, so an empty room counts as two speakers. The
+  space goes to the process with the least load; ties go to the lowest index.
+- **Lazily.** A process that is not running yet is a candidate with load 0, after every
+  running one: a node with one space (the embedded demo) runs one stage process, a second
+  process starts only when every running one already holds something.
+- **Sticky.** A space stays on its process for its whole life (until it ends): every WHIP,
+  WHEP, drop, mute and the host's program monitor of that space go there, and a restart of
+  that process restarts the space there. Nothing moves a running space: its peers' DTLS and
+  ICE state live in that process.
+
+Each process is supervised on its own (``StageProcess``): when one dies, only its spaces are
+restarted and only its speakers reconnect; the others' mixers never notice.
+
+``Placement`` is the pure core (no asyncio, no processes), unit-tested alone; ``StagePool``
+is the node-facing object with ``StageProcess``'s shape, so routes and the node do not care
+how many processes there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from townhall.audience.origin import Origin
+from townhall.stage.process import Session, StageProcess, StageSettings
+
+logger = logging.getLogger(__name__)
+
+SPACE_COST = 2  # a room with nobody on stage costs about what two speakers add (see above)
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What one stage process holds now."""
+
+    spaces: int
+    speakers: int
+
+    @property
+    def cost(self) -> int:
+        return SPACE_COST * self.spaces + self.speakers
+
+
+def default_stage_processes() -> int:
+    """One stage process per CPU the node may run on (each mixes on one core at most)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def least_loaded(loads: Sequence[Load], limit: int) -> int:
+    """The index of the process a new space goes to: ``loads`` are the running processes'
+    (indices 0..len-1); while fewer than ``limit`` run, index ``len(loads)`` (a process to
+    start) is a candidate with no load, after every running one that costs as little."""
+    candidates = list(loads)
+    if len(candidates) < limit:
+        candidates.append(Load(0, 0))
+    if not candidates:
+        raise ValueError("no stage process to place a space on (limit 0)")
+    return min(range(len(candidates)), key=lambda i: (candidates[i].cost, i))
+
+
+class Placement:
+    """Which stage process holds which space: chosen once, kept until the space ends."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"stage processes must be at least 1, not {limit}")
+        self.limit = limit
+        self.where: dict[str, int] = {}
+
+    def place(self, space_id: str, loads: Sequence[Load]) -> int:
+        """The space's process: where it already is, else the least loaded (``least_loaded``)."""
+        index = self.where.get(space_id)
+        if index is None:
+            index = self.where[space_id] = least_loaded(loads, self.limit)
+        return index
+
+    def forget(self, space_id: str) -> None:
+        """The space ended: its next life may be placed anywhere."""
+        self.where.pop(space_id, None)
+
+
+class StagePool:
+    """The node's stage processes, with the shape of one ``StageProcess`` (see the module)."""
+
+    def __init__(self, origin: Origin, settings: StageSettings, processes: int) -> None:
+        self.origin = origin
+        self.settings = settings
+        self.placement = Placement(processes)
+        self.processes: list[StageProcess] = []
+        # The node's mirror of every process's open sessions, one view over their dicts (each
+        # process updates its own in place).
+        self.sessions: collections.ChainMap[str, Session] = collections.ChainMap()
+
+    @property
+    def limit(self) -> int:
+        return self.placement.limit
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return any(p.running for p in self.processes)
+
+    async def start(self) -> None:
+        """Start the first stage process now (a server does, at start-up); the others start
+        when a space is placed on them."""
+        await self._process(0).start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.processes))
+        self.origin.close()
+
+    def _process(self, index: int) -> StageProcess:
+        while len(self.processes) <= index:
+            process = StageProcess(self.origin, self.settings, index=len(self.processes))
+            self.processes.append(process)
+            self.sessions.maps.append(process.sessions)
+        return self.processes[index]
+
+    def loads(self) -> list[Load]:
+        """Per process (by index): spaces placed on it and live speakers."""
+        held = collections.Counter(self.placement.where.values())
+        return [
+            Load(held[p.index], sum(1 for s in p.sessions.values() if s.kind == "whip"))
+            for p in self.processes
+        ]
+
+    def _placed(self, space_id: str) -> StageProcess:
+        """The space's process, placing the space now if it has none."""
+        return self._process(self.placement.place(space_id, self.loads()))
+
+    def _holding(self, space_id: str) -> StageProcess | None:
+        """The space's process if it has one (no placement)."""
+        index = self.placement.where.get(space_id)
+        return None if index is None else self.processes[index]
+
+    # -- reads, merged across processes ----------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The first stage process's pid (``pids`` lists all)."""
+        return self.processes[0].pid if self.processes else None
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self.processes]
+
+    @property
+    def restarts(self) -> int:
+        return sum(p.restarts for p in self.processes)
+
+    def process_of(self, space_id: str) -> int | None:
+        """The index of the process that holds the space, if any."""
+        return self.placement.where.get(space_id)
+
+    @property
+    def levels_by_space(self) -> dict[str, dict[str, float]]:
+        merged: dict[str, dict[str, float]] = {}
+        for p in self.processes:
+            merged.update(p.levels_by_space)
+        return merged
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Every process's last statistics: ``rooms`` merged, ``at`` the oldest report among the
+        running processes (every room in it is at least that fresh)."""
+        reports = [p.stats for p in self.processes if p.running]
+        rooms: dict[str, Any] = {}
+        for report in reports:
+            rooms.update(report.get("rooms", {}))
+        return {"at": min((float(r["at"]) for r in reports), default=0.0), "rooms": rooms}
+
+    def speaker_seen_since(self, space_id: str, speaker: str, since: float) -> bool:
+        return any(p.speaker_seen_since(space_id, speaker, since) for p in self.processes)
+
+    def live_spaces(self) -> list[str]:
+        return sorted(s for p in self.processes for s in p.live_spaces())
+
+    def hosts(self, space_id: str) -> bool:
+        return any(p.hosts(space_id) for p in self.processes)
+
+    def levels(self, space_id: str) -> dict[str, float]:
+        process = self._holding(space_id)
+        return process.levels(space_id) if process is not None else {}
+
+    async def fresh_stats(self) -> dict[str, Any]:
+        reports = [await p.fresh_stats() for p in self.processes if p.running]
+        rooms: dict[str, Any] = {}
+        for report in reports:
+            rooms.update(report.get("rooms", {}))
+        return {"at": min((float(r["at"]) for r in reports), default=0.0), "rooms": rooms}
+
+    # -- requests, routed to the space's process ------------------------------------------------
+
+    async def start_space(self, space_id: str) -> None:
+        process = self._placed(space_id)
+        logger.info("space placed", extra={"space": space_id, "stage_process": process.index})
+        await process.start_space(space_id)
+
+    async def end_space(self, space_id: str) -> None:
+        process = self._holding(space_id)
+        if process is None:
+            self.origin.detach(space_id)
+            return
+        try:
+            await process.end_space(space_id)
+        finally:
+            self.placement.forget(space_id)
+
+    async def open_whip(
+        self, space_id: str, speaker: str, grant_id: str, muted: bool, sdp: str
+    ) -> tuple[str, str]:
+        return await self._placed(space_id).open_whip(space_id, speaker, grant_id, muted, sdp)
+
+    async def open_whep(self, space_id: str, who: str, grant_id: str, sdp: str) -> tuple[str, str]:
+        return await self._placed(space_id).open_whep(space_id, who, grant_id, sdp)
+
+    async def drop(self, space_id: str, peer_id: str) -> bool:
+        for process in self.processes:
+            if peer_id in process.sessions:
+                return await process.drop(space_id, peer_id)
+        holder = self._holding(space_id)
+        return await holder.drop(space_id, peer_id) if holder is not None else False
+
+    async def mute(self, space_id: str, speaker: str, muted: bool) -> None:
+        process = self._holding(space_id)
+        if process is not None:  # no stage, no speakers: a later speaker is muted from the database
+            await process.mute(space_id, speaker, muted)
+
+    async def revoke(self, grant_id: str) -> None:
+        """A grant names no space here: every process that runs drops its sessions."""
+        await asyncio.gather(*(p.revoke(grant_id) for p in self.processes))
