@@ -265,6 +265,8 @@ class ListenerProtocol(HttpToolsProtocol):
     asgi_app: ClassVar[ASGIApp]
     loop_delay: ClassVar[LoopDelay]
     _metrics: ClassVar[_Metrics | None] = None
+    # Joins and renewals answered here (shed ones included), for tests and inspection.
+    joins_here: ClassVar[int] = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -422,6 +424,7 @@ class ListenerProtocol(HttpToolsProtocol):
         join, self._join = self._join, None
         assert join is not None
         call, keep_alive, start = join
+        type(self).joins_here += 1
         body = b"".join(self._join_body)
         self._join_body = []
         node = self.node

@@ -1,0 +1,194 @@
+"""Joins and renewals answered in the HTTP protocol (``control/fastproto.py``) against the same
+requests through the ASGI app, over real sockets: a join, a queued join (202 and its queue
+token), a return with the token (still waiting, then admitted), a renewal by body and by cookie,
+a 429, a proof-of-work 403, bad bodies and a forged ticket give the same status, header names
+in the same order, the same fixed header values and the same body shape either way.
+
+A request goes the ASGI way when its target carries a query string (``?via=asgi``: the
+protocol's pattern is the bare path; ``JoinFastPath`` matches the path alone); each pair asks
+ASGI first, which also refreshes the space's snapshot, then the protocol. Which way each went is
+checked with the protocol's own count of the joins it answered."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.spaces_support import generous_config
+from tests.support import RunningServer, assert_error, running_server
+from tests.test_admission import live_space
+from townhall.admission.pow import solve
+
+# Headers whose values differ between two answers of the same kind for a good reason.
+VARYING = {"date", "content-length"}
+
+
+def config(tmp_path: Path, **extra: Any) -> Any:
+    # A snapshot lasting the whole test: each request is answered from memory, none is sent the
+    # ASGI way by an expiry on a slow machine.
+    return generous_config("sqlite", tmp_path / "data", admission_snapshot_seconds=300.0, **extra)
+
+
+class Both:
+    """Sends the same request the ASGI way and the protocol's way, and checks the way taken."""
+
+    def __init__(self, server: RunningServer, space_id: str) -> None:
+        self.server = server
+        self.space_id = space_id
+        self.protocol = server.server.config.http
+        assert isinstance(self.protocol, type) and hasattr(self.protocol, "joins_here")
+
+    def post(self, api: Any, what: str, fast: bool, **kwargs: Any) -> httpx.Response:
+        path = f"/api/v1/spaces/{self.space_id}/{what}" + ("" if fast else "?via=asgi")
+        before = self.protocol.joins_here
+        response: httpx.Response = api.post(path, **kwargs)
+        assert self.protocol.joins_here - before == (1 if fast else 0), (what, fast, response.text)
+        return response
+
+    def pair(self, api: Any, what: str = "join", **kwargs: Any) -> tuple[httpx.Response, httpx.Response]:
+        routed = self.post(api, what, False, **kwargs)
+        fast = self.post(api, what, True, **kwargs)
+        same(routed, fast)
+        return routed, fast
+
+
+def shape(value: Any) -> Any:
+    """A JSON value's shape: keys and types, not values."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def same(routed: httpx.Response, fast: httpx.Response) -> None:
+    assert fast.status_code == routed.status_code, (routed.text, fast.text)
+    names = [name for name, _ in routed.headers.raw]
+    assert [name for name, _ in fast.headers.raw] == names, (routed.headers, fast.headers)
+    assert b"server" in names and b"date" in names  # the server's own lines, on both
+    for (name, value), (_, other) in zip(routed.headers.raw, fast.headers.raw, strict=True):
+        if name.decode() in VARYING:
+            continue
+        if name == b"set-cookie":
+            value, other = (re.sub(rb"=[^;]+; (.*)Max-Age=\d+", rb"=T; \1", v) for v in (value, other))
+        if name == b"retry-after" and routed.status_code == 202:
+            continue  # from the position, one apart
+        assert value == other, (name, value, other)
+    assert int(fast.headers["content-length"]) == len(fast.content)
+    body, other = routed.json(), fast.json()
+    assert shape(body) == shape(other), (body, other)
+    if "error" in body:
+        assert body["error"]["code"] == other["error"]["code"], (body, other)
+        if routed.status_code != 429:  # the 429's message names its seconds
+            assert body == other
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[tuple[RunningServer, Both]]:
+    """A node admitting one listener every 20 s of its clock (burst 1)."""
+    with running_server(config(tmp_path, space_join_rate=0.05, space_join_burst=1.0)) as server:
+        _, space_id = live_space(server)
+        yield server, Both(server, space_id)
+
+
+def test_joins_queue_returns_and_renewals_answer_alike_both_ways(slow: tuple[RunningServer, Both]) -> None:
+    server, both = slow
+    anon = server.client()
+    # Two joins admitted, each with a place freed by the clock.
+    server.clock.advance(20)
+    admitted = both.post(anon, "join", False)
+    server.clock.advance(20)
+    again = both.post(anon, "join", True)
+    same(admitted, again)
+    assert admitted.status_code == 200, admitted.text
+    ticket = again.json()
+    assert ticket["hls_url"].startswith(f"{server.url}/hls/{both.space_id}/live.m3u8?ticket=")
+    assert admitted.json()["hls_url"].startswith(f"{server.url}/hls/{both.space_id}/live.m3u8?ticket=")
+    assert "townhall_ticket=" in again.headers["set-cookie"]
+
+    # Over capacity: 202, a queue token, a position, Retry-After.
+    first, second = both.pair(anon)
+    assert first.status_code == 202 and second.json()["position"] == first.json()["position"] + 1
+    assert "retry-after" in second.headers
+
+    # Coming back too early: still waiting, same token, same position or lower.
+    early = both.post(anon, "join", False, json={"queue_token": first.json()["queue_token"]})
+    early_fast = both.post(anon, "join", True, json={"queue_token": second.json()["queue_token"]})
+    same(early, early_fast)
+    assert early.status_code == 202 and early_fast.json()["position"] <= second.json()["position"]
+
+    # As places free, each token admits its holder, once.
+    server.clock.advance(20)
+    back = both.post(anon, "join", False, json={"queue_token": first.json()["queue_token"]})
+    server.clock.advance(20)
+    back_fast = both.post(anon, "join", True, json={"queue_token": second.json()["queue_token"]})
+    same(back, back_fast)
+    assert back.status_code == 200, back.text
+    reused = both.post(anon, "join", False, json={"queue_token": first.json()["queue_token"]})
+    reused_fast = both.post(anon, "join", True, json={"queue_token": second.json()["queue_token"]})
+    same(reused, reused_fast)
+    assert_error(reused_fast, 409, "queue_token_used")
+
+    # Renewals: by body, by cookie, and a forged ticket.
+    renewed, _ = both.pair(anon, "tickets/renew", json={"ticket": ticket["ticket"]})
+    assert renewed.status_code == 200 and renewed.json()["listener"] == ticket["listener"]
+    by_cookie = httpx.Client(base_url=server.url, cookies={"townhall_ticket": ticket["ticket"]})
+    server.clients.append(by_cookie)  # type: ignore[arg-type]  # closed with the server
+    _, cookie_fast = both.pair(by_cookie, "tickets/renew")
+    assert cookie_fast.status_code == 200 and cookie_fast.json()["listener"] == ticket["listener"]
+    forged = ticket["ticket"][:-3] + ("AAA" if not ticket["ticket"].endswith("AAA") else "BBB")
+    _, forged_fast = both.pair(anon, "tickets/renew", json={"ticket": forged})
+    assert_error(forged_fast, 403, "invalid_ticket")
+    _, none_fast = both.pair(anon, "tickets/renew")
+    assert_error(none_fast, 403, "ticket_required")
+
+    # Bad bodies: not JSON, a wrong type, a field too long.
+    headers = {"content-type": "application/json"}
+    _, bad = both.pair(anon, content=b"{not json", headers=headers)
+    assert_error(bad, 400, "malformed_json")
+    _, wrong = both.pair(anon, json={"queue_token": 5})
+    assert wrong.status_code == 422
+    _, long = both.pair(anon, json={"pow_nonce": "x" * 65})
+    assert long.status_code == 422
+    # An unknown space has no snapshot in memory: the ASGI way, 404.
+    assert_error(anon.post("/api/v1/spaces/nosuchspace/join"), 404, "space_not_found")
+
+
+def test_limits_proof_of_work_and_accounts_answer_alike_both_ways(tmp_path: Path) -> None:
+    cfg = config(tmp_path, join_limit_per_address="9/minute", pow_base_bits=4)
+    with running_server(cfg) as server:
+        _, space_id = live_space(server)
+        both = Both(server, space_id)
+        admin = server.client(server.create_admin())
+        anon = server.client()
+        ok, _ = both.pair(anon)  # hits 1 and 2 of the address
+        assert ok.status_code == 200
+
+        # An account: its first join reads its session the ASGI way (a database read), the
+        # next one is answered in the protocol (the session is remembered).
+        alice = server.client().user("alice")
+        routed, fast = both.pair(alice)  # 3, 4
+        assert fast.status_code == 200 and fast.json()["listener"] == routed.json()["listener"]
+        assert fast.json()["listener"].startswith("a")
+        unknown = server.client("not-a-session-token")
+        assert_error(unknown.post(f"/api/v1/spaces/{space_id}/join"), 401, "invalid_token")  # 5
+
+        assert admin.post("/api/v1/admin/attack-mode", json={"on": True}).json()["active"] is True
+        _, refused = both.pair(anon)  # 6, 7
+        assert_error(refused, 403, "pow_required")
+        challenges = [anon.get("/api/v1/pow/challenge").json() for _ in range(2)]
+        proofs = [
+            {"pow_challenge": c["challenge"], "pow_nonce": solve(c["challenge"], c["difficulty"])}
+            for c in challenges
+        ]
+        solved = both.post(anon, "join", False, json=proofs[0])  # 8
+        solved_fast = both.post(anon, "join", True, json=proofs[1])  # 9
+        same(solved, solved_fast)
+        assert solved_fast.status_code == 200, solved_fast.text
+
+        _, limited = both.pair(anon)  # 10, 11: over the address's minute
+        assert_error(limited, 429, "rate_limited")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
