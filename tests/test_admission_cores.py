@@ -384,21 +384,27 @@ def test_networks_are_a_slash_24_or_a_slash_56() -> None:
     assert network_of("unknown") == "unknown"
 
 
-def test_the_memory_limiter_still_forgets_old_hits_though_less_often() -> None:
+def test_the_memory_limiter_forgets_keys_whose_window_has_passed_as_it_goes() -> None:
+    """No pass over every key: each hit drops up to ``SWEEP`` keys of its window length whose
+    last hit has left the window, so the old keys are gone after a few new hits; a key still
+    in its window is kept and still counted."""
     from townhall.admission.limiter import LimitsLimiter, QuietMemoryStorage
 
     async def scenario() -> None:
         limiter = LimitsLimiter.from_url(None)
         storage = limiter._storage
         assert isinstance(storage, QuietMemoryStorage)
-        storage.CLEAN_EVERY = 0.2
         for i in range(50):
             assert (await limiter.hit("2 per 1 second", "k", str(i))).allowed
-        assert len(storage.events) == 50
-        await asyncio.sleep(1.3)  # every hit has left its window
-        await limiter.hit("2 per 1 second", "k", "late")  # schedules a clean-up pass
-        await asyncio.sleep(0.3)
-        assert len(storage.events) <= 1
+        assert (await limiter.hit("2 per 1 minute", "kept")).allowed  # another window length
+        assert len(storage.events) == 51
+        await asyncio.sleep(1.2)  # every "per 1 second" hit has left its window
+        late = -(-50 // storage.SWEEP)
+        for i in range(late):
+            assert (await limiter.hit("2 per 1 second", "late", str(i))).allowed
+        assert len(storage.events) == late + 1, len(storage.events)
+        assert (await limiter.hit("2 per 1 minute", "kept")).allowed
+        assert not (await limiter.hit("2 per 1 minute", "kept")).allowed  # its hits still count
         await limiter.close()
 
     asyncio.run(scenario())

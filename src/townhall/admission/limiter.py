@@ -2,7 +2,8 @@
 
 The embedded default keeps counters in process memory; ``redis_url`` (scale-out) shares them
 between nodes. Both use the moving-window strategy, which is exact: there is no window edge at
-which a client can fit two windows' worth of hits.
+which a client can fit two windows' worth of hits (the memory storage keeps it in O(1) a hit:
+``QuietMemoryStorage``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import OrderedDict, deque
 from typing import Protocol, cast
 
 from limits import RateLimitItem, parse
@@ -37,14 +39,28 @@ class Limiter(Protocol):
 
 
 class QuietMemoryStorage(MemoryStorage):
-    """``limits``' memory storage, cleaning up at most every ``CLEAN_EVERY`` seconds. Its own
-    schedule starts a clean-up pass after every hit once the last pass is done, and a pass hops
-    to a worker thread once per key: under a join storm from many addresses that keeps the
-    event loop busy cleaning (measured: ~2 thread hops a join). Cleaning only frees memory; the
-    moving window itself compares timestamps on every hit, so counting stays exact."""
+    """``limits``' memory storage with its moving window kept in O(1) a hit and cleaned as it
+    goes, for a join storm's path.
+
+    ``limits`` keeps a key's hits as a list with the newest first (each hit inserts at the
+    front: O(hits in the window)), as objects the garbage collector walks, and cleans with a
+    pass over every key that hops to a worker thread per key, started after every hit (measured:
+    ~2 thread hops a join). Here a key's hits are a deque of timestamps (oldest left): a hit
+    drops the ones that left its window from the left and appends; the decision is the same
+    (refused when the hits within ``expiry`` seconds plus this one pass ``limit``). Keys are
+    kept per window length in order of their last hit, so the keys whose window has passed
+    are at the front of their group: each hit drops a few of them (``SWEEP`` at most), no pass
+    over every key ever runs. Fixed-window counters (not used by the moving window) keep the
+    base class's cleaning, at most every ``CLEAN_EVERY`` seconds."""
 
     CLEAN_EVERY = 5.0
+    SWEEP = 8
     _cleaned_at = float("-inf")
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.events: dict[str, deque[float]] = {}  # type: ignore[assignment]
+        self._groups: dict[int, OrderedDict[str, deque[float]]] = {}
 
     async def _MemoryStorage__schedule_expiry(self) -> None:  # the base class's private hook
         now = time.monotonic()
@@ -52,6 +68,60 @@ class QuietMemoryStorage(MemoryStorage):
             return
         self._cleaned_at = now
         await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
+    async def _MemoryStorage__expire_events(self) -> None:  # the base's pass: counters only
+        now = time.time()
+        for key in [k for k, at in self.expirations.items() if at <= now]:
+            self.storage.pop(key, None)
+            self.expirations.pop(key, None)
+
+    def _sweep(self, group: OrderedDict[str, deque[float]], edge: float) -> None:
+        for _ in range(self.SWEEP):
+            if not group:
+                return
+            key, hits = next(iter(group.items()))
+            if hits and hits[-1] >= edge:
+                return
+            del group[key]
+            self.events.pop(key, None)
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = time.time()
+        edge = now - expiry
+        group = self._groups.get(expiry)
+        if group is None:
+            group = self._groups[expiry] = OrderedDict()
+        self._sweep(group, edge)  # before this key is looked up: it may be one of them
+        hits = self.events.get(key)
+        if hits is None:
+            hits = self.events[key] = group[key] = deque()
+        else:
+            group.move_to_end(key)
+            while hits and hits[0] < edge:
+                hits.popleft()
+        if len(hits) + amount > limit:
+            return False
+        hits.extend([now] * amount)
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = time.time()
+        hits = self.events.get(key)
+        edge = now - expiry
+        while hits and hits[0] < edge:
+            hits.popleft()
+        return (hits[0], len(hits)) if hits else (now, 0)
+
+    async def clear(self, key: str) -> None:
+        await super().clear(key)
+        for group in self._groups.values():
+            group.pop(key, None)
+
+    async def reset(self) -> int | None:
+        self._groups.clear()
+        return await super().reset()
 
 
 class LimitsLimiter:
