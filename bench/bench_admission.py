@@ -1,24 +1,27 @@
 """Admission: what one join costs the node, in process and over loopback HTTP.
 
-1. In process (no sockets): every join goes through the whole app (shedding, body limit,
-   metrics, the join fast path, the limits, the snapshot, the waiting room, the ticket, the
-   cookie) with limits and caps out of the way; the CPU time per join bounds the joins/s one
-   core can admit before HTTP parsing.
+1. In process (no sockets), two figures with limits and caps out of the way: the join's own
+   work as the HTTP protocol runs it (``routes.admission.answer`` driven to its end without
+   an event loop turn: limits, snapshot, waiting room, ticket, cookie and JSON), and the same
+   join through the whole ASGI app (shedding, body limit, metrics, ``JoinFastPath``), the way
+   a join takes when it cannot be answered in the protocol. CPU time per join.
 2. Over loopback (``--http``, on by default): a ``townhall serve`` node (limits and caps out of
-   the way, shedding as shipped) under ``wrk`` POSTing anonymous joins at several connection
-   counts, beside its own ``GET /healthz`` at the same counts (the peer: the same server's
-   cheapest answer, so the ratio is what admission costs over the HTTP floor). Admitted
-   joins/s, p50/p99, shed answers, and joins per CPU-second of the node's processes; a plot
-   in ``bench/results/admission.png`` and the figures in ``admission.json``.
+   the way, shedding as shipped; joins answered in its HTTP protocol, ``control.fastproto``)
+   under ``wrk`` POSTing anonymous joins at several connection counts, beside two peers at
+   the same counts: the same node's ``GET /healthz`` (its cheapest ASGI answer) and nginx (one
+   worker) answering a static 200 of the join's size. Admitted joins/s, p50/p99, shed answers,
+   joins per CPU-second of the node's processes, the load average; a plot in
+   ``bench/results/admission.png`` and the figures in ``admission.json``.
 
     PYTHONPATH=. .venv/bin/python bench/bench_admission.py [--joins N] [--profile]
-        [--no-http] [--connections 1,4,16,64] [--seconds 6] [--repeat 3]
+        [--no-http] [--no-nginx] [--connections 1,2,4,8,16,64] [--seconds 6] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import os
@@ -35,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     RESULTS,
     WrkSettings,
+    find_tool,
     git_state,
     http,
+    nginx_serving,
     run_wrk,
     townhall_server,
     write_lua,
@@ -45,6 +50,7 @@ from _common import (
 from tests.support import make_config
 from townhall.control.app import create_app
 from townhall.control.node import Node
+from townhall.control.routes.admission import JoinCall, Reply, answer
 from townhall.social import accounts
 from townhall.spaces import service
 
@@ -105,6 +111,26 @@ async def run(joins: int, profile: bool) -> dict[str, float]:
 
         for _ in range(200):  # warm caches (the snapshot, the routes' templates)
             await one()
+        # The protocol's way: the same coroutine, never suspending, driven by hand.
+        call = JoinCall(space_id, "join", "127.0.0.1", None, None, "http://127.0.0.1:8000")
+
+        def core() -> Reply:
+            coro = answer(node, call, b"{}")
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                reply: Reply = done.value
+                assert reply.status == 200, reply
+                return reply
+            raise AssertionError("the join suspended: not answerable in the protocol")
+
+        node.admission.snapshots.ttl = 1e9  # the snapshot stays fresh for the whole run
+        for _ in range(200):
+            core()
+        core_cpu = time.process_time()
+        for _ in range(joins):
+            core()
+        core_cpu = time.process_time() - core_cpu
         prof = cProfile.Profile() if profile else None
         if prof:
             prof.enable()
@@ -123,6 +149,8 @@ async def run(joins: int, profile: bool) -> dict[str, float]:
         "us_wall": wall / joins * 1e6,
         "us_cpu": cpu / joins * 1e6,
         "per_core": joins / cpu,
+        "core_us_cpu": core_cpu / joins * 1e6,
+        "core_per_core": joins / core_cpu,
     }
 
 
@@ -149,54 +177,68 @@ def _live_space(base: str) -> str:
     return space
 
 
-def over_http(connections: list[int], seconds: int, repeat: int) -> dict[str, Any]:
+def over_http(connections: list[int], seconds: int, repeat: int, with_nginx: bool) -> dict[str, Any]:
     env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
     env["TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS"] = "1000/minute"
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="townhall-bench-admission-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="townhall-bench-admission-")))
         join_lua = write_lua(work, "join", "POST", "{}")
         health_lua = write_lua(work, "health")
-        with townhall_server(work / "data", work / "serve.log", env) as server:
-            space = _live_space(server.base)
-            join_url = f"{server.base}/api/v1/spaces/{space}/join"
-            for c in connections:
-                settings = WrkSettings(threads=1, connections=c, duration_s=seconds, timeout_s=5)
-                for attempt in range(repeat):
-                    cpu = server.cpu_seconds()
-                    joins = run_wrk("join", join_url, join_lua, settings)
-                    join_cpu = server.cpu_seconds() - cpu
-                    cpu = server.cpu_seconds()
-                    peer = run_wrk("healthz", f"{server.base}/healthz", health_lua, settings)
-                    peer_cpu = server.cpu_seconds() - cpu
-                    row = {
-                        "connections": c,
-                        "attempt": attempt,
-                        "load": round(os.getloadavg()[0], 2),
-                        "joins_per_s": round(joins.rps, 1),
-                        "join_p50_ms": joins.p50_ms,
-                        "join_p99_ms": joins.p99_ms,
-                        "join_non_2xx": joins.non_2xx,
-                        "join_errors": joins.socket_errors + joins.timeouts,
-                        "joins_per_cpu_s": round(joins.rps * seconds / max(join_cpu, 1e-9), 1),
-                        "healthz_per_s": round(peer.rps, 1),
-                        "healthz_p99_ms": peer.p99_ms,
-                        "healthz_per_cpu_s": round(peer.rps * seconds / max(peer_cpu, 1e-9), 1),
-                    }
-                    row["ratio"] = round(row["joins_per_s"] / max(row["healthz_per_s"], 1e-9), 3)
-                    row["ratio_per_cpu_s"] = round(
-                        row["joins_per_cpu_s"] / max(row["healthz_per_cpu_s"], 1e-9), 3
-                    )
-                    rows.append(row)
-                    print(
-                        f"  -c{c} #{attempt}: {row['joins_per_s']:,.0f} joins/s "
-                        f"(p50 {joins.p50_ms:.1f} ms, p99 {joins.p99_ms:.1f} ms, "
-                        f"{joins.non_2xx} shed), {row['joins_per_cpu_s']:,.0f} per node CPU-s; "
-                        f"/healthz {row['healthz_per_s']:,.0f}/s; ratio {row['ratio']:.2f} "
-                        f"(per CPU-s {row['ratio_per_cpu_s']:.2f}); load {row['load']}",
-                        flush=True,
-                    )
-    keys = ("joins_per_s", "join_p50_ms", "join_p99_ms", "joins_per_cpu_s", "healthz_per_s", "ratio")
+        server = stack.enter_context(townhall_server(work / "data", work / "serve.log", env))
+        space = _live_space(server.base)
+        join_url = f"{server.base}/api/v1/spaces/{space}/join"
+        status, sample = http("POST", join_url, {})
+        assert status == 200, sample
+        nginx_url = None
+        if with_nginx and find_tool("nginx"):
+            # The same number of bytes as a join's answer, from disk, one worker process.
+            base = stack.enter_context(nginx_serving({"/join.json": sample}, "1", work))
+            nginx_url = f"{base}/join.json"
+        for c in connections:
+            settings = WrkSettings(threads=1, connections=c, duration_s=seconds, timeout_s=5)
+            for attempt in range(repeat):
+                cpu = server.cpu_seconds()
+                joins = run_wrk("join", join_url, join_lua, settings)
+                join_cpu = server.cpu_seconds() - cpu
+                cpu = server.cpu_seconds()
+                peer = run_wrk("healthz", f"{server.base}/healthz", health_lua, settings)
+                peer_cpu = server.cpu_seconds() - cpu
+                static = run_wrk("nginx", nginx_url, health_lua, settings) if nginx_url else None
+                row = {
+                    "connections": c,
+                    "attempt": attempt,
+                    "load": round(os.getloadavg()[0], 2),
+                    "joins_per_s": round(joins.rps, 1),
+                    "join_p50_ms": joins.p50_ms,
+                    "join_p99_ms": joins.p99_ms,
+                    "join_non_2xx": joins.non_2xx,
+                    "join_errors": joins.socket_errors + joins.timeouts,
+                    "joins_per_cpu_s": round(joins.rps * seconds / max(join_cpu, 1e-9), 1),
+                    "healthz_per_s": round(peer.rps, 1),
+                    "healthz_p99_ms": peer.p99_ms,
+                    "healthz_per_cpu_s": round(peer.rps * seconds / max(peer_cpu, 1e-9), 1),
+                    "nginx_per_s": round(static.rps, 1) if static else None,
+                    "nginx_p99_ms": static.p99_ms if static else None,
+                }
+                row["ratio"] = round(row["joins_per_s"] / max(row["healthz_per_s"], 1e-9), 3)
+                row["ratio_nginx"] = round(row["joins_per_s"] / static.rps, 3) if static else None
+                row["ratio_per_cpu_s"] = round(
+                    row["joins_per_cpu_s"] / max(row["healthz_per_cpu_s"], 1e-9), 3
+                )
+                rows.append(row)
+                print(
+                    f"  -c{c} #{attempt}: {row['joins_per_s']:,.0f} joins/s "
+                    f"(p50 {joins.p50_ms:.1f} ms, p99 {joins.p99_ms:.1f} ms, "
+                    f"{joins.non_2xx} shed), {row['joins_per_cpu_s']:,.0f} per node CPU-s; "
+                    f"/healthz {row['healthz_per_s']:,.0f}/s; ratio {row['ratio']:.2f} "
+                    f"(per CPU-s {row['ratio_per_cpu_s']:.2f}); nginx {row['nginx_per_s'] or 0:,.0f}/s "
+                    f"(ratio {row['ratio_nginx'] or 0:.2f}); load {row['load']}",
+                    flush=True,
+                )
+    keys = ["joins_per_s", "join_p50_ms", "join_p99_ms", "joins_per_cpu_s", "healthz_per_s", "ratio", "load"]
+    if any(r["nginx_per_s"] for r in rows):
+        keys += ["nginx_per_s", "ratio_nginx"]
     medians = [
         {
             "connections": c,
@@ -217,7 +259,10 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     cs = [m["connections"] for m in med]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(cs, [m["joins_per_s"] for m in med], "o-", label="admitted joins/s")
-    left.plot(cs, [m["healthz_per_s"] for m in med], "s--", label="/healthz/s (peer)")
+    left.plot(cs, [m["healthz_per_s"] for m in med], "s--", label="/healthz/s (same node, ASGI)")
+    if "nginx_per_s" in med[0]:
+        left.plot(cs, [m["nginx_per_s"] for m in med], "d-.", label="nginx static 200/s (1 worker)")
+    left.axhline(10_000, color="grey", linestyle=":", label="target 10,000 joins/s")
     left.plot(cs, [m["joins_per_cpu_s"] for m in med], "^:", label="joins per node CPU-second")
     left.set_xscale("log", base=2)
     left.set_xlabel("wrk connections")
@@ -243,20 +288,23 @@ def main() -> None:
     parser.add_argument("--joins", type=int, default=3000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-http", dest="http", action="store_false")
-    parser.add_argument("--connections", default="1,4,16,64")
+    parser.add_argument("--no-nginx", dest="nginx", action="store_false")
+    parser.add_argument("--connections", default="1,2,4,8,16,64")
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     r = asyncio.run(run(args.joins, args.profile))
     print(
         f"{r['joins']:.0f} joins: {r['us_wall']:.0f} µs wall, {r['us_cpu']:.0f} µs CPU each "
-        f"-> {r['per_core']:.0f} joins/s per core (app only, no HTTP parsing)",
+        f"-> {r['per_core']:.0f} joins/s per core through the ASGI app (no HTTP parsing); "
+        f"the join's own work as the protocol runs it {r['core_us_cpu']:.1f} µs CPU "
+        f"-> {r['core_per_core']:.0f}/s per core",
         flush=True,
     )
     if not args.http:
         return
     connections = [int(c) for c in args.connections.split(",")]
-    figures = over_http(connections, args.seconds, args.repeat)
+    figures = over_http(connections, args.seconds, args.repeat, args.nginx)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"in_process": r, "over_http": figures, "git": git_state(), "cpus": os.cpu_count()}
     (RESULTS / "admission.json").write_text(json.dumps(out, indent=2) + "\n")
