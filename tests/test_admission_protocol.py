@@ -12,6 +12,7 @@ checked with the protocol's own count of the joins it answered."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.spaces_support import generous_config
 from tests.support import RunningServer, assert_error, running_server
 from tests.test_admission import live_space
 from townhall.admission.pow import solve
+from townhall.admission.shedding import Priority
 
 # Headers whose values differ between two answers of the same kind for a good reason.
 VARYING = {"date", "content-length"}
@@ -192,3 +194,36 @@ def test_limits_proof_of_work_and_accounts_answer_alike_both_ways(tmp_path: Path
         _, limited = both.pair(anon)  # 10, 11: over the address's minute
         assert_error(limited, 429, "rate_limited")
         assert 1 <= int(limited.headers["retry-after"]) <= 60
+
+
+def test_a_shed_join_answers_alike_both_ways_and_by_the_same_classes(tmp_path: Path) -> None:
+    """Once the controller's target is a microsecond over a millisecond, any measured queueing
+    delay is an overload: both ways shed anonymous new joins with the same 503, through the
+    same controller (its count of shed anonymous joins rises by one per shed answer, either
+    way)."""
+    with running_server(config(tmp_path)) as server:
+        _, space_id = live_space(server)
+        both = Both(server, space_id)
+        anon = server.client()
+        both.pair(anon)  # admitted both ways (and the space's snapshot is in memory)
+        shedder = server.node.admission.shedder
+        shedder.target, shedder.interval = 1e-6, 1e-3
+        answers: dict[bool, httpx.Response] = {}
+        deadline = time.monotonic() + 20
+        while len(answers) < 2 and time.monotonic() < deadline:
+            for fast in (False, True):
+                before = shedder.shed_by_class.get(Priority.ANONYMOUS_JOIN, 0)
+                r = both.post(anon, "join", fast)
+                if r.status_code == 503:
+                    assert shedder.shed_by_class[Priority.ANONYMOUS_JOIN] == before + 1
+                    answers[fast] = r
+                else:
+                    assert r.status_code == 200, r.text
+            time.sleep(0.005)
+        assert set(answers) == {False, True}, "never shed one way or the other"
+        routed, fast = answers[False], answers[True]
+        assert [n for n, _ in routed.headers.raw] == [n for n, _ in fast.headers.raw]
+        assert routed.content == fast.content
+        assert_error(fast, 503, "overloaded")
+        assert 1 <= int(fast.headers["retry-after"]) <= 5
+        assert fast.headers["cache-control"] == routed.headers["cache-control"] == "no-store"
