@@ -21,7 +21,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
-from townhall.audience.packager import Packager, PartReady
+from townhall.audience.packager import Packager, PackagerThread, PartReady
 from townhall.stage.channel import StageError
 from townhall.stage.room import Peer, Room, StageClock
 from townhall.storage.media_store import MediaStore, PartRecord
@@ -44,6 +44,7 @@ class StageHub:
         self.bitrate = bitrate
         self._ice = [RTCIceServer(urls=u) for u in ice_servers]
         self.clock = StageClock()  # one 20 ms clock and encoder thread for every room
+        self.packaging = PackagerThread()  # one AAC/fMP4 thread for every space's packager
 
     # -- rooms ---------------------------------------------------------------------------------
 
@@ -79,7 +80,12 @@ class StageHub:
                 loop.call_soon_threadsafe(note)  # announced only once it is durable
 
             packager = self.packagers[space_id] = Packager(
-                space_id, on_init=on_init, on_part=on_part, bitrate=self.bitrate, part_target=self.part_target
+                space_id,
+                on_init=on_init,
+                on_part=on_part,
+                bitrate=self.bitrate,
+                part_target=self.part_target,
+                thread=self.packaging,
             )
             room.program_sinks.append(lambda out: packager.feed(out.program, time.time()))
             room.on_peer_closed = lambda peer: self.notify("peer_closed", space=space_id, peer=peer.id)
@@ -105,6 +111,7 @@ class StageHub:
         for space_id in list(self.rooms):
             await self.end(space_id, finished=False)
         await self.clock.close()
+        await asyncio.to_thread(self.packaging.stop)
 
     # -- sessions ------------------------------------------------------------------------------
 

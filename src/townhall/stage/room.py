@@ -44,13 +44,22 @@ TIME_BASE = fractions.Fraction(1, RATE)
 OUT_QUEUE = 5  # 100 ms of audio per outbound consumer at most
 ENCODE_QUEUE = 5  # ticks waiting for the room's encoder thread at most
 OPUS_BITRATE = 96000  # what aiortc's own Opus encoder uses
+# CELT only ("lowdelay": no SILK, 2.5 ms look-ahead instead of 6.5 ms) at complexity 0: 35-40 µs
+# a 20 ms mono frame against 70-105 µs for VoIP mode at complexity 10 (the default), with the
+# same waveform error at this bit rate (BENCHMARKS.md, "Stage: the cost of a space"). At 96 kb/s
+# for one mono voice mix, the tools higher complexities add (pitch pre-filter, TF analysis) buy
+# nothing audible; the stage encodes a mix-minus per speaker every tick, so this is its bulk.
+OPUS_APPLICATION = "lowdelay"
+OPUS_COMPLEXITY = 0
 
 
 class OpusEncoder:
-    """Mono Opus for one outbound stream (libopus through PyAV, 20 ms frames, VoIP mode).
+    """Mono Opus for one outbound stream (libopus through PyAV, 20 ms frames, CELT only at
+    complexity 0: see ``OPUS_APPLICATION``).
 
     The mix is mono, so it is coded as mono: half the work of aiortc's encoder, which upmixes
-    every frame to stereo first. Any Opus decoder plays a mono stream (RFC 7587 §3.4)."""
+    every frame to stereo first. Any Opus decoder plays a mono stream (RFC 7587 §3.4) and a
+    CELT-only one (a mode every decoder has)."""
 
     def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
         self._codec = av.CodecContext.create("libopus", "w")
@@ -59,7 +68,7 @@ class OpusEncoder:
         self._codec.layout = "mono"
         self._codec.sample_rate = RATE
         self._codec.time_base = TIME_BASE
-        self._codec.options = {"application": "voip"}
+        self._codec.options = {"application": OPUS_APPLICATION, "compression_level": str(OPUS_COMPLEXITY)}
         self._pts = 0
 
     def encode(self, samples: Frame) -> list[av.Packet[Any]]:
