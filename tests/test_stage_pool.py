@@ -18,7 +18,7 @@ import pytest
 from tests.spaces_support import generous_config
 from tests.support import Api, RunningServer, running_server
 from townhall.stage.client import Session, publish, record_timed, subscribe
-from townhall.stage.pool import SPACE_COST, Load, Placement, least_loaded
+from townhall.stage.pool import SPACE_COST, Load, Placement, least_loaded, realtime_demotions, schedule
 from townhall.stage.sources import ToneTrack, tone_power
 
 RATE = 48000
@@ -258,3 +258,39 @@ async def on_stage_whip_only(server: RunningServer, space: Space) -> tuple[list[
         for h, f in space.tones.items()
     ]
     return pubs, None
+
+
+# -- real-time scheduling: the guard ------------------------------------------------------------------
+
+
+def test_real_time_processes_are_kept_under_the_budget_busiest_first() -> None:
+    budget = 1.5
+    assert realtime_demotions([0.45, 0.45], set(), budget) == set()  # 20 spaces on two: nothing
+    assert realtime_demotions([0.9, 0.7], set(), budget) == {0}  # 1.6 > 1.5: the busiest goes
+    assert realtime_demotions([0.8, 0.95], set(), budget) == {1}
+    assert realtime_demotions([1.6], set(), budget) == set()  # a lone process keeps SCHED_RR
+    assert realtime_demotions([0.9, 1.0, 0.6], {0}, budget) == {0, 1}  # one more per look
+    # Back once it fits with a fifth of the budget to spare, not before (no flapping).
+    assert realtime_demotions([0.6, 0.7], {0}, budget) == {0}  # 1.3 > 1.2
+    assert realtime_demotions([0.5, 0.6], {0}, budget) == set()
+    assert realtime_demotions([0.5], {0, 3}, budget) == set()  # indices that no longer exist
+
+
+def test_the_guard_moves_a_stage_process_out_of_real_time_and_back(server: RunningServer) -> None:
+    """``schedule`` on a live stage process: every thread (loop, encoder, packager, aiortc's)."""
+    live_space(server, "alpha", [440.0])
+    pid = server.node.stage.pid
+    assert pid is not None
+
+    def policies() -> set[int]:
+        return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+    # As shipped (the tests run where SCHED_RR is allowed): the process asked for it before its
+    # own threads started (the BLAS threads numpy started at import stay ordinary; they idle).
+    assert os.sched_getscheduler(pid) == os.SCHED_RR
+    assert schedule(pid, realtime=False)
+    assert policies() == {os.SCHED_OTHER}
+    assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {-5}
+    assert schedule(pid, realtime=True)
+    assert policies() == {os.SCHED_RR}
+    assert not schedule(2**22 + 1, realtime=True)  # no such process

@@ -22,6 +22,14 @@ on one when its stage starts:
 Each process is supervised on its own (``StageProcess``): when one dies, only its spaces are
 restarted and only its speakers reconnect; the others' mixers never notice.
 
+Real-time scheduling: every stage process asks for ``SCHED_RR`` (``stage_realtime``). One such
+process can take at most one core, so on a 2-core machine the HTTP process always kept the
+other; two can take both, and the kernel then leaves ordinary processes 5 % of each CPU. The
+pool's guard (``realtime_demotions``) keeps the real-time processes together under the CPUs
+less ``RT_RESERVE``: past that the busiest is moved to ``nice`` until it fits again. Under the
+no-late-tick load the stage uses far less than that (BENCHMARKS.md, "Stage processes per
+core"), so the guard only acts when a node holds more spaces than it can mix on time anyway.
+
 ``Placement`` is the pure core (no asyncio, no processes), unit-tested alone; ``StagePool``
 is the node-facing object with ``StageProcess``'s shape, so routes and the node do not care
 how many processes there are.
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -38,11 +47,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from townhall.audience.origin import Origin
-from townhall.stage.process import Session, StageProcess, StageSettings
+from townhall.stage.process import Session, StageProcess, StageSettings, process_cpu_seconds
 
 logger = logging.getLogger(__name__)
 
 SPACE_COST = 2  # a room with nobody on stage costs about what two speakers add (see above)
+RT_RESERVE = 0.5  # cores the real-time stage processes leave to the HTTP side (realtime_demotions)
+GUARD_EVERY = 1.0  # seconds between two looks at the stage processes' CPU
+# As the stage process sets itself (stage/worker.py; not imported: it pulls in aiortc).
+REALTIME_PRIORITY = 10
+NICE = -5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +69,28 @@ class Load:
     @property
     def cost(self) -> int:
         return SPACE_COST * self.spaces + self.speakers
+
+
+def realtime_demotions(cores: Sequence[float], demoted: set[int], budget: float) -> set[int]:
+    """Which stage processes run outside ``SCHED_RR`` next (indices), from what each used over
+    the last second (``cores``, by index) and which run outside it now.
+
+    Real-time processes preempt the HTTP process whenever they are runnable; the kernel leaves
+    ordinary processes only 5 % of each CPU's second. One real-time stage process on a
+    2-core machine can take at most one core; two can take both. So the real-time ones may use
+    ``budget`` cores together (the CPUs less a reserve for the HTTP side): above it the busiest
+    real-time process is demoted (to ``nice``, where it competes fairly), one per second; a
+    demoted one returns when it fits again with a fifth of the budget to spare (hysteresis)."""
+    demoted = {i for i in demoted if i < len(cores)}
+    realtime = [i for i in range(len(cores)) if i not in demoted]
+    used = sum(cores[i] for i in realtime)
+    if used > budget and len(realtime) > 1:
+        return demoted | {max(realtime, key=lambda i: (cores[i], -i))}
+    if demoted:
+        lightest = min(demoted, key=lambda i: (cores[i], i))
+        if used + cores[lightest] <= 0.8 * budget:
+            return demoted - {lightest}
+    return demoted
 
 
 def default_stage_processes() -> int:
@@ -109,6 +145,9 @@ class StagePool:
         # The node's mirror of every process's open sessions, one view over their dicts (each
         # process updates its own in place).
         self.sessions: collections.ChainMap[str, Session] = collections.ChainMap()
+        self.demoted: set[int] = set()  # processes the guard moved out of SCHED_RR (by index)
+        self.budget = max(RT_RESERVE, default_stage_processes() - RT_RESERVE)
+        self._guard_task: asyncio.Task[None] | None = None
 
     @property
     def limit(self) -> int:
@@ -126,6 +165,10 @@ class StagePool:
         await self._process(0).start()
 
     async def stop(self) -> None:
+        if self._guard_task is not None:
+            self._guard_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._guard_task
         await asyncio.gather(*(p.stop() for p in self.processes))
         self.origin.close()
 
@@ -134,7 +177,41 @@ class StagePool:
             process = StageProcess(self.origin, self.settings, index=len(self.processes))
             self.processes.append(process)
             self.sessions.maps.append(process.sessions)
+        if self._guard_task is None and self.settings.realtime and self.limit > 1:
+            self._guard_task = asyncio.create_task(self._guard(), name="stage-realtime-guard")
         return self.processes[index]
+
+    async def _guard(self) -> None:
+        """Once a second: each stage process's CPU from ``/proc``, then ``realtime_demotions``
+        applied. A restarted process starts in ``SCHED_RR`` again (it asks for it itself)."""
+        last: dict[int, tuple[int | None, float, float]] = {}  # index: pid, CPU s, monotonic s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(GUARD_EVERY)
+            cores: list[float] = []
+            for p in self.processes:
+                seconds, now, before = process_cpu_seconds(p.pid), loop.time(), last.get(p.index)
+                if before is not None and before[0] != p.pid:
+                    self.demoted.discard(p.index)  # a new process, in SCHED_RR
+                    before = None
+                if seconds is None or before is None:
+                    cores.append(0.0)
+                else:
+                    cores.append((seconds - before[1]) / max(1e-3, now - before[2]))
+                if seconds is not None:
+                    last[p.index] = (p.pid, seconds, now)
+            wanted = realtime_demotions(cores, self.demoted, self.budget)
+            for index in sorted(wanted ^ self.demoted):
+                realtime = index not in wanted
+                logger.warning(
+                    "stage process %s real-time scheduling (stage processes' CPU %s, budget %.2f)",
+                    "back in" if realtime else "moved out of",
+                    [round(c, 2) for c in cores],
+                    self.budget,
+                    extra={"stage_process": index},
+                )
+                schedule(self.processes[index].pid, realtime=realtime)
+            self.demoted = wanted
 
     def loads(self) -> list[Load]:
         """Per process (by index): spaces placed on it and live speakers."""
@@ -249,3 +326,22 @@ class StagePool:
     async def revoke(self, grant_id: str) -> None:
         """A grant names no space here: every process that runs drops its sessions."""
         await asyncio.gather(*(p.revoke(grant_id) for p in self.processes))
+
+
+def schedule(pid: int | None, *, realtime: bool) -> bool:
+    """Every thread of process ``pid`` into ``SCHED_RR`` (``realtime``) or back to an ordinary
+    thread at ``nice`` -5, as the stage process would have set itself. False if it is gone."""
+    if pid is None:
+        return False
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return False
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if realtime:
+                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
+            else:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, tid, NICE)
+    return True

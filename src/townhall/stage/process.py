@@ -124,7 +124,8 @@ class StageProcess:
                 break
             self.restarts += 1
             logger.error(
-                "stage process exited; restarting", extra={"stage_process": self.index, "restarts": self.restarts}
+                "stage process exited; restarting",
+                extra={"stage_process": self.index, "restarts": self.restarts},
             )
             await asyncio.sleep(RESTART_DELAY)
 
@@ -347,6 +348,12 @@ class StageCollector:
         )
         processes.add_metric([], sum(1 for p in self.stage.processes if p.running))
         yield processes
+        demoted = GaugeMetricFamily(
+            "townhall_stage_processes_demoted",
+            "stage processes moved out of SCHED_RR to leave the HTTP side CPU (stage/pool.py)",
+        )
+        demoted.add_metric([], len(self.stage.demoted))
+        yield demoted
         spaces = GaugeMetricFamily(
             "townhall_stage_process_spaces", "spaces placed on each stage process", labels=["process"]
         )
