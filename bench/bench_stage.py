@@ -137,40 +137,65 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def stage_pid(server: Server) -> int | None:
-    """The stage process: the server's child (``python -m townhall.stage.worker``)."""
+def stage_pids(server: Server) -> list[int]:
+    """The stage processes: the server's children running ``townhall.stage.worker`` (one per
+    ``stage_processes`` in use; the node starts them as spaces are placed on them)."""
+    pids: list[int] = []
     for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
         with contextlib.suppress(OSError):
             for child in (task / "children").read_text().split():
                 with contextlib.suppress(OSError):
                     if "townhall.stage.worker" in Path(f"/proc/{child}/cmdline").read_text():
-                        return int(child)
-    return None
+                        pids.append(int(child))
+    return sorted(set(pids))
+
+
+def stage_pid(server: Server) -> int | None:
+    """The first stage process (``profile_stage.py`` profiles one)."""
+    pids = stage_pids(server)
+    return pids[0] if pids else None
 
 
 def stage_policy(server: Server) -> str:
-    """The scheduling class the stage process runs in, as the kernel has it."""
-    pid = stage_pid(server)
-    if pid is None:
+    """The scheduling class the stage processes run in, as the kernel has it."""
+    pids = stage_pids(server)
+    if not pids:
         raise RuntimeError("no stage process under the server")
-    policy = os.sched_getscheduler(pid)
-    if policy == os.SCHED_RR:
-        return f"SCHED_RR priority {os.sched_getparam(pid).sched_priority} (stage_realtime, as shipped)"
-    return f"SCHED_OTHER nice {os.getpriority(os.PRIO_PROCESS, pid)} (stage_realtime off)"
+    policies = set()
+    for pid in pids:
+        if os.sched_getscheduler(pid) == os.SCHED_RR:
+            policies.add(
+                f"SCHED_RR priority {os.sched_getparam(pid).sched_priority} (stage_realtime, as shipped)"
+            )
+        else:
+            policies.add(f"SCHED_OTHER nice {os.getpriority(os.PRIO_PROCESS, pid)} (stage_realtime off)")
+    return "; ".join(sorted(policies))
+
+
+def stage_cpu_by_pid(server: Server) -> dict[int, float]:
+    """utime + stime of each stage process."""
+    out: dict[int, float] = {}
+    for pid in stage_pids(server):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def stage_cpu_seconds(server: Server) -> float:
-    """utime + stime of the stage process (0 if there is none)."""
-    pid = stage_pid(server)
-    with contextlib.suppress(OSError, TypeError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return 0.0
+    """utime + stime of the stage processes, summed (0 if there is none)."""
+    return sum(stage_cpu_by_pid(server).values())
 
 
 @contextlib.contextmanager
-def townhall_server(workdir: Path, niced: bool = False) -> Iterator[Server]:
-    env = {**SERVER_ENV, "TOWNHALL_STAGE_REALTIME": "false"} if niced else SERVER_ENV
+def townhall_server(workdir: Path, niced: bool = False, processes: int | None = None) -> Iterator[Server]:
+    """``townhall serve`` as shipped; ``niced``: without SCHED_RR; ``processes``: that many stage
+    processes (``TOWNHALL_STAGE_PROCESSES``; None: the default, one per CPU)."""
+    env = dict(SERVER_ENV)
+    if niced:
+        env["TOWNHALL_STAGE_REALTIME"] = "false"
+    if processes is not None:
+        env["TOWNHALL_STAGE_PROCESSES"] = str(processes)
     with serve_townhall(workdir / "data", workdir / "townhall.log", env, warn=say) as server:
         yield server
 
@@ -432,11 +457,15 @@ async def measure_stages(stages: Sequence[Stage], api: Api, server: Server, seco
     """CPU, lateness and client throughput over ``seconds`` of already running stages."""
     sent0 = [await st.counters() for st in stages]
     lat0 = Lateness.of(await api.metrics())
-    cpu0, stage0, own0 = server.cpu_seconds(), stage_cpu_seconds(server), own_cpu_seconds()
+    each0 = stage_cpu_by_pid(server)
+    cpu0, stage0, own0 = server.cpu_seconds(), sum(each0.values()), own_cpu_seconds()
     busy0, t0 = busy_cpu_s(), time.monotonic()
+    probe = asyncio.create_task(http_probe(api, seconds))
     await asyncio.sleep(seconds)
-    cpu1, stage1, own1 = server.cpu_seconds(), stage_cpu_seconds(server), own_cpu_seconds()
+    each1 = stage_cpu_by_pid(server)
+    cpu1, stage1, own1 = server.cpu_seconds(), sum(each1.values()), own_cpu_seconds()
     busy1, t1 = busy_cpu_s(), time.monotonic()
+    healthz = await probe
     lat1 = Lateness.of(await api.metrics())
     sent1 = [await st.counters() for st in stages]
     wall = t1 - t0
@@ -455,6 +484,11 @@ async def measure_stages(stages: Sequence[Stage], api: Api, server: Server, seco
         "window_s": round(wall, 2),
         "server_cores": (cpu1 - cpu0) / wall,
         "stage_cores": stage,
+        # Per stage process (by pid; a process started or restarted in the window counts from 0).
+        "stage_cores_by_process": {
+            str(pid): (each1[pid] - each0.get(pid, 0.0)) / wall for pid in sorted(each1)
+        },
+        "healthz_ms": healthz,
         "http_cores": (cpu1 - cpu0) / wall - stage,
         "client_cores": (own1 - own0) / wall,
         "machine_busy_cores": (busy1 - busy0) / wall,
@@ -464,6 +498,41 @@ async def measure_stages(stages: Sequence[Stage], api: Api, server: Server, seco
         "whep_frames_per_s_median": float(np.median(whep_rates)),
         "clients_kept_up": min(whip_rates + whep_rates) >= KEEP_UP * 50,
         "lateness": window(lat0, lat1),
+    }
+
+
+HTTP_PROBE = """
+import http.client, json, sys, time
+host, port, seconds, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+took = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request("GET", "/healthz")
+    c.getresponse().read()
+    c.close()
+    took.append((time.monotonic() - t0) * 1e3)
+    time.sleep(max(0.0, every - (time.monotonic() - t0)))
+print(json.dumps(took))
+"""
+
+
+async def http_probe(api: Api, seconds: float, every: float = 0.1) -> dict[str, Any]:
+    """``GET /healthz`` every ``every`` s for ``seconds``, from a process of its own (an ordinary
+    SCHED_OTHER process, as the node's HTTP process is, not this busy client loop): how promptly
+    the HTTP side is served while the stage processes (SCHED_RR) mix."""
+    host, port = api.base.removeprefix("http://").rsplit(":", 1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HTTP_PROBE, host, port, str(seconds), str(every), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    took = json.loads(out)
+    return {
+        "count": len(took),
+        "p50_ms": float(np.percentile(took, 50)),
+        "p99_ms": float(np.percentile(took, 99)),
+        "max_ms": max(took),
     }
 
 
@@ -651,21 +720,54 @@ def tones_for(count: int, base: float = 300.0, step: float = 70.0) -> list[float
 PARTS = ("latency", "cpu", "flood", "ramp")
 
 
-async def run_all(args: argparse.Namespace, server: Server, workdir: Path) -> dict[str, Any]:
+async def run_all(
+    args: argparse.Namespace, server: Server, workdir: Path, only: Sequence[str]
+) -> dict[str, Any]:
     api = Api(server.base)
     out: dict[str, Any] = {}
     try:
-        if "latency" in args.only:
+        if "latency" in only:
             out["latency"] = await latency(args, api)
         count_without_decoding()  # 2-4 measure the server: WHEP returns are counted, not decoded
-        if "cpu" in args.only:
+        if "cpu" in only:
             out["cpu_13"] = await cpu_13(args, api, server)
-        if "flood" in args.only:  # (before 3, which may stop early or run long)
+        if "flood" in only:  # (before 3, which may stop early or run long)
             out["flood"] = await flood(args, api, server, workdir)
-        if "ramp" in args.only:
+        if "ramp" in only:
             out["ramp"] = await ramp(args, api, server)
     finally:
         await api.aclose()
+    return out
+
+
+async def ramp_by_stage_processes(args: argparse.Namespace, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The ramp once per ``--stage-processes`` value, each on a server of its own started with
+    that many stage processes, the values alternating (``--pool-repeats`` rounds) so that the
+    machine's other load falls on each alike."""
+    count_without_decoding()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(args.pool_repeats):
+        for n in args.stage_processes:
+            say(f"3. ramp with {n} stage process(es), round {round_ + 1} of {args.pool_repeats}:")
+            sub = workdir / f"pool-{n}-{round_}"
+            sub.mkdir()
+            load_before = os.getloadavg()
+            with townhall_server(sub, args.stage_niced, n) as server:
+                api = Api(server.base)
+                try:
+                    result = await ramp(args, api, server)
+                finally:
+                    await api.aclose()
+                result["stage_scheduling"] = stage_policy(server)
+                result["stage_processes_started"] = len(stage_pids(server))
+            result["stage_processes"] = n
+            result["loadavg_before"] = load_before
+            result["loadavg_after"] = os.getloadavg()
+            say(
+                f"   largest N with no late tick: {result['largest_n_without_late_tick']} "
+                f"({result['stopped']})"
+            )
+            out.setdefault(str(n), []).append(result)
     return out
 
 
@@ -793,6 +895,7 @@ async def ramp(args: argparse.Namespace, api: Api, server: Server) -> dict[str, 
                 await st.close(api)
         step["spaces"] = n
         step["setup_s"] = round(setup_s, 2)
+        step["loadavg"] = os.getloadavg()
         lw = step["lateness"]
         end = lw["end_of_window"]
         late_in_window = lw["window_late_ticks"]["0.01"] > 0
@@ -804,7 +907,9 @@ async def ramp(args: argparse.Namespace, api: Api, server: Server) -> dict[str, 
             f"   max {end['max_ms']:.2f} ms, p99 {end['p99_ms']:.2f} ms, late ticks in the window "
             f"{lw['window_late_ticks']['0.01']:.0f}; stage {step['stage_cores']:.2f} cores, HTTP "
             f"{step['http_cores']:.2f}, clients {step['client_cores']:.2f}, "
-            f"kept up: {step['clients_kept_up']}"
+            f"kept up: {step['clients_kept_up']}; per stage process "
+            + " / ".join(f"{c:.2f}" for c in step["stage_cores_by_process"].values())
+            + f"; healthz p99 {step['healthz_ms']['p99_ms']:.1f} ms; load {step['loadavg'][0]:.2f}"
         )
         if late_in_window:
             stopped = f"late tick at N={n}"
@@ -835,9 +940,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="townhall-bench-stage-") as tmp:
         workdir = Path(tmp)
-        with townhall_server(workdir, args.stage_niced) as server:
-            results = await run_all(args, server, workdir)
-            policy = stage_policy(server)  # once it has long been running: set as it starts
+        pooled = "ramp" in args.only and bool(args.stage_processes)
+        only = [p for p in args.only if not (pooled and p == "ramp")]
+        results: dict[str, Any] = {}
+        policy = ""
+        if only:
+            with townhall_server(workdir, args.stage_niced) as server:
+                results = await run_all(args, server, workdir, only)
+                policy = stage_policy(server)  # once it has long been running: set as it starts
+        if pooled:
+            by = results["ramp_by_stage_processes"] = await ramp_by_stage_processes(args, workdir)
+            results["ramp"] = by[str(max(args.stage_processes))][-1]
+            policy = policy or results["ramp"]["stage_scheduling"]
     return {
         "benchmark": "stage",
         "date": started.isoformat(timespec="seconds"),
@@ -1090,6 +1204,115 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def pool_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| stage processes | round | largest N, no late tick | stopped | at that N: stage cores (per "
+        "process) | HTTP / client cores | healthz p99 (ms) | load avg (1 min) |",
+        "|" + "---|" * 8,
+    ]
+    for n, runs in result["results"]["ramp_by_stage_processes"].items():
+        for i, r in enumerate(runs, start=1):
+            best = r["largest_n_without_late_tick"]
+            step = next((s for s in r["steps"] if s["spaces"] == best), None)
+            if step is None:
+                rows.append(f"| {n} | {i} | {best} | {r['stopped']} | - | - | - | - |")
+                continue
+            each = " / ".join(f"{c:.2f}" for c in step["stage_cores_by_process"].values())
+            rows.append(
+                f"| {n} | {i} | **{best}** | {r['stopped']} | {step['stage_cores']:.2f} ({each}) | "
+                f"{step['http_cores']:.2f} / {step['client_cores']:.2f} | "
+                f"{step['healthz_ms']['p99_ms']:.1f} | "
+                f"{step['loadavg'][0]:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+def pool_steps_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| stage processes | round | spaces | late ticks / ticks in window | tick p99 / max (ms) "
+        "| stage cores (per process) | HTTP | clients | min WHIP / WHEP pkt/s "
+        "| healthz p50 / p99 / max (ms) | load |",
+        "|" + "---|" * 11,
+    ]
+    for n, runs in result["results"]["ramp_by_stage_processes"].items():
+        for i, r in enumerate(runs, start=1):
+            for s in r["steps"]:
+                e, h = s["lateness"]["end_of_window"], s["healthz_ms"]
+                each = " / ".join(f"{c:.2f}" for c in s["stage_cores_by_process"].values())
+                rows.append(
+                    f"| {n} | {i} | {s['spaces']} | {s['lateness']['window_late_ticks']['0.01']:.0f} / "
+                    f"{s['lateness']['window_ticks']:.0f} | {e['p99_ms']:.2f} / {e['max_ms']:.2f} | "
+                    f"{s['stage_cores']:.2f} ({each}) | {s['http_cores']:.2f} | {s['client_cores']:.2f} | "
+                    f"{s['whip_packets_per_s_min']:.0f} / {s['whep_frames_per_s_min']:.0f} | "
+                    f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} / {h['max_ms']:.1f} | {s['loadavg'][0]:.2f} |"
+                )
+    return "\n".join(rows)
+
+
+def plot_pool(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = result["results"]["ramp_by_stage_processes"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    colors = ["#7f8c8d", "#3b6ea8", "#27ae60", "#8e44ad"]
+    for k, (n, runs) in enumerate(by.items()):
+        for i, r in enumerate(runs):
+            ns = [s["spaces"] for s in r["steps"]]
+            label = f"{n} stage process{'es' if n != '1' else ''}" + (
+                f", round {i + 1}" if len(runs) > 1 else ""
+            )
+            style = dict(color=colors[k % len(colors)], alpha=1.0 if i == 0 else 0.55)
+            ax.plot(
+                ns, [s["lateness"]["end_of_window"]["max_ms"] for s in r["steps"]], "o-", label=label, **style
+            )
+            ax2.plot(ns, [s["stage_cores"] for s in r["steps"]], "o-", label=f"{label}: stage", **style)
+            ax2.plot(ns, [s["client_cores"] for s in r["steps"]], "x--", label=f"{label}: clients", **style)
+    ax.axhline(LATE_MS, color="#c0392b", ls="--", lw=1)
+    ax.text(1, LATE_MS * 1.08, f"late = over {LATE_MS:g} ms", color="#c0392b", fontsize=8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent 3-speaker spaces (3 WHIP + 3 WHEP each)")
+    ax.set_ylabel("worst tick lateness of the live rooms, ms (symlog)")
+    best = ", ".join(
+        f"{n} proc: " + "/".join(str(r["largest_n_without_late_tick"]) for r in runs)
+        for n, runs in by.items()
+    )
+    ax.set_title(f"largest N with no late tick in the window: {best}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.axhline(result["machine"]["cpus"], color="#c0392b", ls=":", lw=1)
+    ax2.set_xlabel("concurrent 3-speaker spaces")
+    ax2.set_ylabel("cores (CPU s / wall s)")
+    ax2.set_title("stage processes' CPU (summed) and the bench clients' CPU, same machine", fontsize=9)
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    m = result["machine"]
+    fig.suptitle(
+        f"townhall stage pool ({result['stage_scheduling']}), {m['cpus']} cores shared by server and "
+        f"clients, loopback, {result['date'][:16]} UTC, load avg before {m['loadavg_before'][0]:.2f}",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_pool(result: dict[str, Any], out: Path, name: str) -> int:
+    json_path, png_path = out / f"{name}-pool.json", out / f"{name}-pool.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot_pool(result, png_path)
+    say(f"\ntownhall stage pool: {result['date']}, {result['run_seconds']} s; {result['stage_scheduling']}")
+    if set(result["results"]) - {"ramp", "ramp_by_stage_processes"}:
+        say(partial_summary({"results": {k: v for k, v in result["results"].items() if k != "ramp"}}))
+    say(pool_table(result))
+    say("\n" + pool_steps_table(result))
+    for p in (json_path, png_path):
+        say(f"wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--latency-seconds", type=float, default=12, help="recording per path (default 12)")
@@ -1111,6 +1334,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start the server with TOWNHALL_STAGE_REALTIME=false (nice, not SCHED_RR); results as "
         "stage-niced.json/png",
+    )
+    parser.add_argument(
+        "--stage-processes",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="run the ramp (3) on a server of its own per value, with that many stage processes "
+        "(e.g. 1,2: the one-process peer and the pool in the same run); results as stage-pool.json/png",
+    )
+    parser.add_argument(
+        "--pool-repeats", type=int, default=1, help="rounds of the --stage-processes ramps (default 1)"
     )
     parser.add_argument(
         "--only",
@@ -1136,6 +1369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["run_seconds"] = round(time.monotonic() - began, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "stage-niced" if args.stage_niced else "stage"
+    if "ramp_by_stage_processes" in result["results"]:
+        return write_pool(result, args.out, name)
     whole = set(args.only) == set(PARTS)
     json_path = args.out / (f"{name}.json" if whole else f"{name}-only.json")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
