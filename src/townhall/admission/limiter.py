@@ -130,6 +130,7 @@ class LimitsLimiter:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self.in_memory = isinstance(storage, MemoryStorage)
+        self._quiet = storage if isinstance(storage, QuietMemoryStorage) else None
         self._strategy = MovingWindowRateLimiter(storage)
         self._rules: dict[str, RateLimitItem] = {}
 
@@ -154,7 +155,13 @@ class LimitsLimiter:
 
     async def hit(self, rule: str, *key: str) -> LimitDecision:
         item = self._rule(rule)
-        if await self._strategy.hit(item, *key):
+        if self._quiet is not None:
+            # The strategy's own hit, without its generic key building (``key_for``: the same
+            # text, ~2 µs less a hit, twice a join).
+            name = f"{item.namespace}/{'/'.join(key)}/{item.amount}/{item.multiples}/{item.GRANULARITY.name}"
+            if await self._quiet.acquire_entry(name, item.amount, item.get_expiry()):
+                return LimitDecision(True, 0)
+        elif await self._strategy.hit(item, *key):
             return LimitDecision(True, 0)
         stats = await self._strategy.get_window_stats(item, *key)
         return LimitDecision(False, max(1, math.ceil(stats.reset_time - time.time())))

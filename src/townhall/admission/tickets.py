@@ -7,6 +7,7 @@ no database or network call.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import secrets
 
@@ -29,9 +30,31 @@ class TicketError(ValueError):
         self.code = code
 
 
+class _RandomPool:
+    """Random bytes from the OS drawn 4 KiB at a time: one ``getrandom`` call per ~450 anonymous
+    joins instead of one per join (a join storm's path; the bytes are the same CSPRNG's)."""
+
+    def __init__(self, size: int = 4608) -> None:
+        self.size = size
+        self.buffer = b""
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.buffer):
+            self.buffer, self.at = secrets.token_bytes(self.size), 0
+        self.at += n
+        return self.buffer[self.at - n : self.at]
+
+
+_POOL = _RandomPool()
+
+
 def listener_id(account_id: int | None) -> str:
-    """Accounts listen as ``a<id>``; anonymous listeners get a random id per join."""
-    return f"a{account_id}" if account_id is not None else "g" + secrets.token_urlsafe(9)
+    """Accounts listen as ``a<id>``; anonymous listeners get a random id per join (72 bits, in
+    the form of ``secrets.token_urlsafe(9)``)."""
+    if account_id is not None:
+        return f"a{account_id}"
+    return "g" + base64.urlsafe_b64encode(_POOL.take(9)).decode("ascii")
 
 
 class TicketBook:
