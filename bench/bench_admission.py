@@ -249,6 +249,121 @@ def over_http(connections: list[int], seconds: int, repeat: int, with_nginx: boo
     return {"rows": rows, "medians": medians, "seconds": seconds, "repeat": repeat}
 
 
+# -- several node processes on one port (SO_REUSEPORT), sharing limits and waiting room in Redis --
+
+
+def serve_node(port: int) -> None:
+    """One node process of ``--nodes``: ``townhall serve``'s server (``server.build_server``) on
+    a listening socket of its own with SO_REUSEPORT, so the kernel spreads connections over
+    the nodes on ``port``. Its settings come from the environment (``TOWNHALL_*``)."""
+    import socket
+
+    from townhall.config import Config
+    from townhall.server import build_server
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    config = Config.load(overrides={"host": "127.0.0.1", "port": port})
+    build_server(config).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def node_processes(count: int, work: Path, env: dict[str, str]) -> Any:
+    """``count`` node processes on one loopback port; yields (base URL, their processes)."""
+    import subprocess
+
+    from _common import free_port, stop, wait_http_ok
+
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for k in range(count):
+            log = work / f"node{k}.log"
+            with log.open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--serve-node", str(port)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                        start_new_session=True,
+                    )
+                )
+            # One at a time: the first creates the database and the signing key they share.
+            wait_http_ok(f"http://127.0.0.1:{port}/healthz", procs[-1], 60.0, log)
+        yield f"http://127.0.0.1:{port}", procs
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def over_nodes(
+    counts: list[int], connections: list[int], seconds: int, repeat: int, redis_url: str
+) -> dict[str, Any]:
+    """Admitted joins/s of 1..N node processes sharing limits and the waiting room in Redis
+    (their joins take the ASGI way: the limits and the queue are a network call away)."""
+    import uuid
+
+    from _common import session_cpu_seconds
+
+    rows: list[dict[str, Any]] = []
+    for count in counts:
+        with tempfile.TemporaryDirectory(prefix="townhall-bench-nodes-") as tmp:
+            work = Path(tmp)
+            env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+            env |= {
+                "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": "1000/minute",
+                "TOWNHALL_DATA": str(work / "data"),
+                "TOWNHALL_REDIS_URL": redis_url,
+                "TOWNHALL_REDIS_PREFIX": f"bench{uuid.uuid4().hex[:10]}",
+            }
+            join_lua = write_lua(work, "join", "POST", "{}")
+            with node_processes(count, work, env) as (base, procs):
+                space = _live_space(base)
+                url = f"{base}/api/v1/spaces/{space}/join"
+                for c in connections:
+                    settings = WrkSettings(threads=1, connections=c, duration_s=seconds, timeout_s=5)
+                    for attempt in range(repeat):
+                        cpu = sum(session_cpu_seconds(p.pid) for p in procs)
+                        joins = run_wrk("join", url, join_lua, settings)
+                        cpu = sum(session_cpu_seconds(p.pid) for p in procs) - cpu
+                        row = {
+                            "nodes": count,
+                            "connections": c,
+                            "attempt": attempt,
+                            "load": round(os.getloadavg()[0], 2),
+                            "joins_per_s": round(joins.rps, 1),
+                            "join_p50_ms": joins.p50_ms,
+                            "join_p99_ms": joins.p99_ms,
+                            "join_non_2xx": joins.non_2xx,
+                            "joins_per_node_cpu_s": round(joins.rps * seconds / max(cpu, 1e-9), 1),
+                        }
+                        rows.append(row)
+                        print(
+                            f"  {count} node(s) on Redis, -c{c} #{attempt}: "
+                            f"{row['joins_per_s']:,.0f} joins/s (p50 {joins.p50_ms:.1f} ms, "
+                            f"p99 {joins.p99_ms:.1f} ms, {joins.non_2xx} non-2xx), "
+                            f"{row['joins_per_node_cpu_s']:,.0f} per node CPU-s; load {row['load']}",
+                            flush=True,
+                        )
+    keys = ["joins_per_s", "join_p50_ms", "join_p99_ms", "joins_per_node_cpu_s", "load"]
+    medians = [
+        {
+            "nodes": n,
+            "connections": c,
+            **{
+                k: statistics.median(r[k] for r in rows if (r["nodes"], r["connections"]) == (n, c))
+                for k in keys
+            },
+        }
+        for n in counts
+        for c in connections
+    ]
+    return {"rows": rows, "medians": medians, "seconds": seconds, "repeat": repeat, "redis": redis_url}
+
+
 def plot(figures: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -283,16 +398,67 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_nodes(figures: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for n in sorted({m["nodes"] for m in figures["medians"]}):
+        med = [m for m in figures["medians"] if m["nodes"] == n]
+        cs = [m["connections"] for m in med]
+        left.plot(cs, [m["joins_per_s"] for m in med], "o-", label=f"{n} node(s) on Redis")
+        right.plot(cs, [m["join_p99_ms"] for m in med], "s-", label=f"p99, {n} node(s)")
+    left.axhline(10_000, color="grey", linestyle=":", label="target 10,000 joins/s")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("wrk connections")
+    left.set_ylabel("admitted joins/s")
+    left.legend()
+    left.set_title("node processes sharing limits and waiting room (Redis)")
+    right.axhline(50, color="grey", linestyle=":", label="target p99 50 ms")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("wrk connections")
+    right.set_ylabel("join latency, ms")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--joins", type=int, default=3000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--no-nginx", dest="nginx", action="store_false")
+    parser.add_argument(
+        "--nodes", default="", help="also N node processes on one port sharing Redis, e.g. 1,2"
+    )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--serve-node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--connections", default="1,2,4,8,16,64")
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.serve_node:
+        serve_node(args.serve_node)
+        return
+    connections = [int(c) for c in args.connections.split(",")]
+    if args.nodes:
+        counts = [int(n) for n in args.nodes.split(",")]
+        nodes = over_nodes(counts, connections, args.seconds, args.repeat, args.redis)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = {"over_nodes": nodes, "git": git_state(), "cpus": os.cpu_count()}
+        (RESULTS / "admission_nodes.json").write_text(json.dumps(out, indent=2) + "\n")
+        plot_nodes(nodes, RESULTS / "admission_nodes.png")
+        for m in nodes["medians"]:
+            print(
+                f"median {m['nodes']} node(s) -c{m['connections']}: {m['joins_per_s']:,.0f} joins/s, "
+                f"p99 {m['join_p99_ms']:.1f} ms, {m['joins_per_node_cpu_s']:,.0f} per node CPU-s"
+            )
+        return
     r = asyncio.run(run(args.joins, args.profile))
     print(
         f"{r['joins']:.0f} joins: {r['us_wall']:.0f} µs wall, {r['us_cpu']:.0f} µs CPU each "
@@ -303,7 +469,6 @@ def main() -> None:
     )
     if not args.http:
         return
-    connections = [int(c) for c in args.connections.split(",")]
     figures = over_http(connections, args.seconds, args.repeat, args.nginx)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"in_process": r, "over_http": figures, "git": git_state(), "cpus": os.cpu_count()}
