@@ -6,7 +6,7 @@ Starts ``townhall serve`` (as ``bench_stage.py`` does, with its clients: pre-enc
 for the speakers, WHEP returns counted without decoding), opens ``--spaces`` spaces of 3 speakers
 with their mix-minus returns, warms up, then reads the stage process's CPU per thread from
 ``/proc/PID/task/*/stat`` (and voluntary / involuntary context switches from ``status``) over a
-``--seconds`` window, and, with ``--py-spy``, records the process with ``py-spy record --native``
+``--seconds`` window, and, with ``--py-spy``, records the process with ``py-spy record --nonblocking``
 over the same window (py-spy installed in the venv for measuring only; ``.txt`` gives the raw
 collapsed stacks, anything else a flame graph). Prints one table and writes it as JSON next to
 ``--json``. Threads of the same role are summed (``aiortc`` thread pools, packagers).
@@ -32,9 +32,9 @@ import bench_stage as bs
 from _common import CLK_TCK
 
 
-def thread_times(pid: int) -> dict[int, tuple[str, float, int, int]]:
-    """tid -> (name, CPU seconds, voluntary switches, involuntary switches)."""
-    out: dict[int, tuple[str, float, int, int]] = {}
+def thread_times(pid: int) -> dict[int, tuple[str, float, int, int, float]]:
+    """tid -> (name, CPU seconds, voluntary switches, involuntary switches, system seconds)."""
+    out: dict[int, tuple[str, float, int, int, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             stat = (task / "stat").read_text()
@@ -49,6 +49,7 @@ def thread_times(pid: int) -> dict[int, tuple[str, float, int, int]]:
                 cpu,
                 int(status.get("voluntary_ctxt_switches", "0")),
                 int(status.get("nonvoluntary_ctxt_switches", "0")),
+                int(fields[12]) / CLK_TCK,
             )
     return out
 
@@ -76,11 +77,12 @@ def per_role(
     pid: int, before: dict[int, Any], after: dict[int, Any], wall: float, names: dict[int, str]
 ) -> dict[str, dict[str, float]]:
     roles: dict[str, dict[str, float]] = {}
-    for tid, (name, cpu, vol, invol) in after.items():
-        _, cpu0, vol0, invol0 = before.get(tid, (name, 0.0, 0, 0))
-        zero = {"cores": 0.0, "voluntary_per_s": 0.0, "involuntary_per_s": 0.0}
+    for tid, (name, cpu, vol, invol, system) in after.items():
+        _, cpu0, vol0, invol0, system0 = before.get(tid, (name, 0.0, 0, 0, 0.0))
+        zero = {"cores": 0.0, "system_cores": 0.0, "voluntary_per_s": 0.0, "involuntary_per_s": 0.0}
         r = roles.setdefault(role(names.get(tid, name), tid, pid), zero)
         r["cores"] += (cpu - cpu0) / wall
+        r["system_cores"] += (system - system0) / wall
         r["voluntary_per_s"] += (vol - vol0) / wall
         r["involuntary_per_s"] += (invol - invol0) / wall
     return roles
@@ -112,7 +114,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         *[
                             str(Path(sys.executable).parent / "py-spy"),
                             "record",
-                            "--native",
                             "--threads",
                             "--nonblocking",
                             "-p",
@@ -159,7 +160,8 @@ def main() -> int:
     )
     for name, r in sorted(result["threads"].items(), key=lambda kv: -kv[1]["cores"]):
         print(
-            f"  {name:32s} {r['cores']:.3f} cores  {r['voluntary_per_s']:7.0f} vol/s  "
+            f"  {name:24s} {r['cores']:.3f} cores (system {r['system_cores']:.3f})  "
+            f"{r['voluntary_per_s']:7.0f} vol/s  "
             f"{r['involuntary_per_s']:6.0f} invol/s"
         )
     if args.json:

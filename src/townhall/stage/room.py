@@ -37,6 +37,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from townhall.stage.jitter import Frame
 from townhall.stage.lateness import LatenessWindow
 from townhall.stage.mixer import FRAME_SAMPLES, RATE, TICK, Mixer, MixOutput
+from townhall.stage.rtpfast import InboundBypass, OutboundBypass
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ OPUS_BITRATE = 96000  # what aiortc's own Opus encoder uses
 # for one mono voice mix, the tools higher complexities add (pitch pre-filter, TF analysis) buy
 # nothing audible; the stage encodes a mix-minus per speaker every tick, so this is its bulk.
 OPUS_APPLICATION = "lowdelay"
+# Speakers' and returns' RTP beside aiortc's per-packet path once DTLS-SRTP is up (rtpfast.py).
+RTP_BYPASS = True
 OPUS_COMPLEXITY = 0
 
 
@@ -85,7 +88,7 @@ class MixTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, pc: RTCPeerConnection | None = None) -> None:
         super().__init__()
         self.queue: asyncio.Queue[av.Packet[Any]] = asyncio.Queue(OUT_QUEUE)
         self.encoder = OpusEncoder()  # used on the room's encoder thread only
@@ -93,8 +96,19 @@ class MixTrack(MediaStreamTrack):
         self.wanted = False
         self._pts = 0
         self.dropped = 0
+        self._pc = pc
+        # Once the sender first asks (DTLS is up), packets go out through this, not the queue.
+        self.bypass: OutboundBypass | None = None
+        self._ended = asyncio.Event()
+
+    def stop(self) -> None:
+        super().stop()
+        self._ended.set()
 
     def offer(self, packet: av.Packet[Any]) -> None:
+        if self.bypass is not None:
+            self.bypass.send(bytes(packet), FRAME_SAMPLES)
+            return
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
@@ -103,13 +117,26 @@ class MixTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
             raise MediaStreamError
-        self.wanted = True
+        if not self.wanted:
+            self.wanted = True
+            self.bypass = self._bypass()
+        if self.bypass is not None:  # the room sends; aiortc's sender task just waits here
+            await self._ended.wait()
+            raise MediaStreamError
         packet = await self.queue.get()
         # The RTP timestamp follows the packets sent, so a dropped packet is skipped audio, not a gap.
         packet.pts = self._pts
         packet.time_base = TIME_BASE
         self._pts += FRAME_SAMPLES
         return packet
+
+    def _bypass(self) -> OutboundBypass | None:
+        if not RTP_BYPASS or self._pc is None:
+            return None
+        for transceiver in self._pc.getTransceivers():
+            if transceiver.sender.track is self:
+                return OutboundBypass.install(transceiver)
+        return None
 
 
 class _Encoder:
@@ -208,19 +235,22 @@ class _SpeakerDecoder:
         self._other: Any = None
         self._chunker = _Rechunker()
 
+    def decode_opus(self, payload: bytes) -> list[Frame]:
+        opus = self._opus
+        if opus is None:
+            opus = self._opus = av.CodecContext.create("libopus", "r")
+            opus.format = "s16"
+            opus.layout = "mono"
+            opus.sample_rate = RATE
+        return [chunk for frame in opus.decode(av.Packet(payload)) for chunk in self._chunker.feed(frame)]
+
     def decode(self, codec: RTCRtpCodecParameters, data: Any) -> list[Frame]:
         if codec.name.lower() == "opus":
-            opus = self._opus
-            if opus is None:
-                opus = self._opus = av.CodecContext.create("libopus", "r")
-                opus.format = "s16"
-                opus.layout = "mono"
-                opus.sample_rate = RATE
-            frames: list[Any] = list(opus.decode(av.Packet(data.data)))
+            return self.decode_opus(data.data)
         else:
             if self._other is None:
                 self._other = get_decoder(codec)
-            frames = list(self._other.decode(data))
+            frames: list[Any] = list(self._other.decode(data))
         return [chunk for frame in frames for chunk in self._chunker.feed(frame)]
 
 
@@ -234,16 +264,27 @@ class InlineDecoding(queue.Queue[Any]):
     ``on_frames``; the thread, given this queue, waits in ``get`` until aiortc stops the receiver
     (``put(None)``), which still ends the track as before."""
 
-    def __init__(self, on_frames: Callable[[list[Frame]], None]) -> None:
+    def __init__(
+        self, on_frames: Callable[[list[Frame]], None], receiver: RTCRtpReceiver | None = None
+    ) -> None:
         super().__init__()
         self._on_frames = on_frames
         self._decoder = _SpeakerDecoder()
+        self._receiver = receiver
+        self.bypass: InboundBypass | None = None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:
+            if self.bypass is not None:
+                self.bypass.remove()
             super().put(None, block, timeout)
             return
         codec, encoded = item
+        if self._receiver is not None and RTP_BYPASS and codec.name.lower() == "opus":
+            # The first frame: DTLS is up and the payload type known; from now on the
+            # speaker's packets come straight from the ICE connection (``_payload``).
+            self.bypass = InboundBypass.install(self._receiver, codec.payloadType, self._payload)
+            self._receiver = None
         try:
             frames = self._decoder.decode(codec, encoded)
         except av.FFmpegError as exc:  # a corrupt packet is lost audio, never a stalled speaker
@@ -252,18 +293,33 @@ class InlineDecoding(queue.Queue[Any]):
         if frames:
             self._on_frames(frames)
 
+    def _payload(self, payload: bytes) -> None:
+        try:
+            frames = self._decoder.decode_opus(payload)
+        except av.FFmpegError as exc:
+            logger.warning("speaker audio failed to decode: %s", exc)
+            return
+        if frames:
+            self._on_frames(frames)
+
+    def poll(self) -> None:
+        """Read the speaker's packets waiting in its socket, once they bypass aiortc."""
+        if self.bypass is not None:
+            self.bypass.poll()
+
     @staticmethod
-    def install(receiver: RTCRtpReceiver, on_frames: Callable[[list[Frame]], None]) -> bool:
+    def install(receiver: RTCRtpReceiver, on_frames: Callable[[list[Frame]], None]) -> InlineDecoding | None:
         """Decode ``receiver``'s audio inline, if it has not started yet and is laid out as in the
         aiortc versions this was written against (1.9-1.16); otherwise leave it alone (False) and
         the track's decoded frames are read as usual."""
         queue_attr, thread_attr = "_RTCRtpReceiver__decoder_queue", "_RTCRtpReceiver__decoder_thread"
         if not isinstance(getattr(receiver, queue_attr, None), queue.Queue):
-            return False
+            return None
         if getattr(receiver, thread_attr, True) is not None:
-            return False
-        setattr(receiver, queue_attr, InlineDecoding(on_frames))
-        return True
+            return None
+        decoding = InlineDecoding(on_frames, receiver)
+        setattr(receiver, queue_attr, decoding)
+        return decoding
 
 
 class Peer:
@@ -297,6 +353,9 @@ class Room:
         self._own_clock = clock is None
         self._clock = StageClock() if clock is None else clock
         self._background: set[asyncio.Task[bool]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Speakers' inline decoders by peer: their sockets are read at each tick (``poll``).
+        self._inbound: dict[str, InlineDecoding] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -311,7 +370,9 @@ class Room:
             await self._clock.close()
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop.time()
 
     # -- peers ---------------------------------------------------------------------------------
 
@@ -333,13 +394,16 @@ class Room:
             for frame in frames:
                 self.mixer.push(peer.speaker, frame, now)
 
-        inline = receiver is not None and InlineDecoding.install(receiver, push)
+        decoding = InlineDecoding.install(receiver, push) if receiver is not None else None
+        inline = decoding is not None
+        if decoding is not None:
+            self._inbound[peer.id] = decoding
         peer.reader = asyncio.create_task(self._read(peer, track, push, inline), name=f"stage-read-{peer.id}")
         self.ensure_running()
 
     def add_listener(self, peer: Peer) -> MixTrack:
         """An outbound WHEP track: the mix minus ``peer.speaker`` (or the program for "*")."""
-        peer.track = MixTrack()
+        peer.track = MixTrack(peer.pc)
         self.peers[peer.id] = peer
         self.ensure_running()
         return peer.track
@@ -349,6 +413,7 @@ class Room:
 
     async def drop(self, peer_id: str) -> bool:
         peer = self.peers.pop(peer_id, None)
+        self._inbound.pop(peer_id, None)
         if peer is None:
             return False
         if peer.kind == "whip" and not any(
@@ -395,6 +460,8 @@ class Room:
         """One 20 ms tick (called by the clock): mix, hand the program to its sinks, and return
         the frames the outbound tracks are to carry, for the clock's encoder thread."""
         self.lateness.add(late)
+        for decoding in list(self._inbound.values()):
+            decoding.poll()  # what each speaker sent since the last tick, into the mixer
         out = self.mixer.tick(deadline)
         peaks = self._peaks
         wall = time.time()
