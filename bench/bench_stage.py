@@ -26,8 +26,8 @@ by packet without being decoded (``NullDecoder`` stands in for aiortc's decoder 
 after measurement 1). Measurement 1 uses real encoding and decoding clients, since it listens.
 
 Server CPU is split: the whole server's CPU seconds come from ``/proc`` (every process of its
-session), the stage process's from ``/proc/<stage pid>/stat`` at the same instants (the server's
-child running ``townhall.stage.worker``; the node also exports it as
+session), the stage processes' from ``/proc/<stage pid>/stat`` at the same instants (the server's
+children running ``townhall.stage.worker``, summed; the node also exports the sum as
 ``townhall_stage_process_cpu_seconds_total``); the HTTP process is the difference. The
 machine's busy CPU (``/proc/stat``) is reported too: what the server and the clients did not
 use was taken by other work on the machine.
@@ -60,7 +60,15 @@ handshakes), warm-up and the window.
    WHEP each); per step, fresh spaces, a warm-up, then ~10 s read through ``/metrics``. A step is
    "late" if any tick of the window was late (over 10 ms). The ramp stops at the first late step,
    or when the clients fall behind (a WHIP sender or a WHEP return moves less than 90% of its 50
-   packets/s); reported: the largest N with no late tick.
+   packets/s); reported: the largest N with no late tick. The server runs its default number
+   of stage processes (``stage_processes``: one per CPU, started as spaces are placed on them);
+   ``--stage-processes 1,2`` instead runs the ramp on a fresh server per value, with exactly
+   that many (``TOWNHALL_STAGE_PROCESSES``), alternating for ``--pool-repeats`` rounds: the
+   one-process peer and the pool in the same run. Stage CPU is then summed over the stage
+   processes and given per process, and each step also times ``GET /healthz`` every 0.1 s from
+   a small process of its own (an ordinary process, as the node's HTTP process is): whether
+   two ``SCHED_RR`` stage processes leave the HTTP side its CPU. Output: ``stage-pool.json``
+   and ``stage-pool.png``.
 4. **Ticks under a control-plane flood**: one space with 3 speakers, first without load, then
    (each in fresh spaces) while ``wrk -t2 -c128 -d15s`` hits ``GET /api/v1/spaces/{id}/state``,
    ``GET /healthz``, and ``POST /api/v1/sessions`` with wrong passwords (argon2id verifications).
