@@ -74,8 +74,13 @@ class SpaceSnapshot:
 
 
 class SpaceSnapshots:
-    """State and block list of spaces, read at most once per ``ttl`` per space per node;
-    concurrent readers share one read."""
+    """State and block list of spaces, read at most once per ``AHEAD`` × ``ttl`` per space per
+    node; concurrent readers share one read. A snapshot asked for once it is ``AHEAD`` of its
+    life old is still answered, and a read to replace it starts in the background: under
+    steady joins a space's snapshot never lapses, so no join waits for the database (before,
+    the joins of the moment each second's snapshot lapsed all waited for its read)."""
+
+    AHEAD = 0.8
 
     def __init__(self, database: Database, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.database = database
@@ -84,23 +89,51 @@ class SpaceSnapshots:
         self._snaps: dict[str, SpaceSnapshot | None] = {}
         self._built: dict[str, float] = {}
         self._pending: dict[str, asyncio.Future[SpaceSnapshot | None]] = {}
+        self._ahead: set[asyncio.Task[SpaceSnapshot | None]] = set()
+        self._generation: dict[str, int] = {}
         self.reads = 0
+
+    def _cached(self, space_id: str, now: float) -> bool:
+        built = self._built.get(space_id)
+        if built is None or space_id not in self._snaps:
+            return False
+        age = now - built
+        if age >= self.ttl * self.AHEAD and space_id not in self._pending:
+            task = asyncio.get_running_loop().create_task(self._load(space_id, now))
+            self._ahead.add(task)
+            task.add_done_callback(self._refreshed)
+        return age < self.ttl
+
+    def _refreshed(self, task: asyncio.Task[SpaceSnapshot | None]) -> None:
+        self._ahead.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("space snapshot refresh failed", exc_info=task.exception())
+
+    def fresh(self, space_id: str) -> bool:
+        """Whether ``get`` would answer from memory now (no read, no wait)."""
+        return self._cached(space_id, self.clock())
 
     async def get(self, space_id: str) -> SpaceSnapshot | None:
         now = self.clock()
-        if space_id in self._snaps and now - self._built[space_id] < self.ttl:
+        if self._cached(space_id, now):
             return self._snaps[space_id]
         pending = self._pending.get(space_id)
         if pending is not None:
             return await asyncio.shield(pending)
+        return await self._load(space_id, now)
+
+    async def _load(self, space_id: str, now: float) -> SpaceSnapshot | None:
         future: asyncio.Future[SpaceSnapshot | None] = asyncio.get_running_loop().create_future()
         self._pending[space_id] = future
+        generation = self._generation.get(space_id, 0)
         try:
             snap = await self._read(space_id, now)
             if len(self._snaps) > 10_000:  # unknown ids from a scan must not grow memory
                 self._snaps.clear()
                 self._built.clear()
-            self._snaps[space_id], self._built[space_id] = snap, now
+                self._generation.clear()
+            if self._generation.get(space_id, 0) == generation:  # no local change since the read began
+                self._snaps[space_id], self._built[space_id] = snap, now
             future.set_result(snap)
             return snap
         except BaseException as exc:
@@ -121,13 +154,9 @@ class SpaceSnapshots:
             ).scalars()
             return SpaceSnapshot(state, frozenset(blocked), now)
 
-    def fresh(self, space_id: str) -> bool:
-        """Whether ``get`` would answer from memory now (no read, no wait)."""
-        built = self._built.get(space_id)
-        return space_id in self._snaps and built is not None and self.clock() - built < self.ttl
-
     def invalidate(self, space_id: str) -> None:
         self._snaps.pop(space_id, None)
+        self._generation[space_id] = self._generation.get(space_id, 0) + 1
 
 
 class SessionCache:
