@@ -11,7 +11,10 @@ checked with the protocol's own count of the joins it answered."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +26,11 @@ import pytest
 from tests.spaces_support import generous_config
 from tests.support import RunningServer, assert_error, running_server
 from tests.test_admission import live_space
+from tests.test_listener_protocol import read_answers
 from townhall.admission.pow import solve
 from townhall.admission.shedding import Priority
+from townhall.control.fastproto import _Resumed
+from townhall.control.routes.admission import Reply
 
 # Headers whose values differ between two answers of the same kind for a good reason.
 VARYING = {"date", "content-length"}
@@ -227,3 +233,78 @@ def test_a_shed_join_answers_alike_both_ways_and_by_the_same_classes(tmp_path: P
         assert_error(fast, 503, "overloaded")
         assert 1 <= int(fast.headers["retry-after"]) <= 5
         assert fast.headers["cache-control"] == routed.headers["cache-control"] == "no-store"
+
+
+def test_pipelined_joins_and_http_1_0_are_answered_in_order_and_closed_as_asked(tmp_path: Path) -> None:
+    """Three joins sent in one write on a kept-alive connection are answered in the protocol in
+    order (a renewal between them uses the first one's ticket); an HTTP/1.0 join is answered
+    with ``connection: close`` and the connection closed."""
+    with running_server(config(tmp_path)) as server:
+        _, space_id = live_space(server)
+        both = Both(server, space_id)
+        both.pair(server.client())  # the space's snapshot is in memory
+        port = int(server.url.rsplit(":", 1)[1])
+        path = f"/api/v1/spaces/{space_id}/join"
+
+        def post(target: str, body: bytes = b"{}", version: str = "1.1") -> bytes:
+            head = f"POST {target} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+        before = both.protocol.joins_here
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(post(path) * 3)
+            answers = read_answers(sock, 3, ["POST"] * 3)
+        assert [r.status_code for r, _ in answers] == [200, 200, 200]
+        tickets = [json.loads(body)["ticket"] for _, body in answers]
+        assert len(set(tickets)) == 3
+        assert both.protocol.joins_here - before == 3
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            renew = f"/api/v1/spaces/{space_id}/tickets/renew"
+            sock.sendall(post(path, version="1.0"))
+            ((response, body),) = read_answers(sock, 1, ["POST"])
+            assert response.status_code == 200 and json.loads(body)["ticket"]
+            assert dict(response.headers).get(b"connection") == b"close"
+            assert sock.recv(1) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(post(renew, json.dumps({"ticket": tickets[0]}).encode()) + post(path))
+            (renewed, renewed_body), (joined, _) = read_answers(sock, 2, ["POST", "POST"])
+            assert renewed.status_code == 200 and joined.status_code == 200
+            assert json.loads(renewed_body)["listener"] == json.loads(answers[0][1])["listener"]
+        assert both.protocol.joins_here - before == 6
+
+
+def test_a_join_that_suspends_after_all_goes_on_as_a_task_from_where_it_stopped() -> None:
+    """``_Resumed``: a coroutine started by hand that waits on a future is handed to a task
+    and finishes there with its result; a failure inside it reaches the task."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[int] = loop.create_future()
+        steps: list[str] = []
+
+        async def join() -> Reply:
+            steps.append("started")
+            value = await gate
+            steps.append("resumed")
+            await asyncio.sleep(0)
+            return Reply(200, [], str(value).encode())
+
+        coro = join()
+        first = coro.send(None)  # runs to its first real wait
+        assert steps == ["started"]
+        task = asyncio.ensure_future(_Resumed(coro, first))
+        loop.call_later(0.01, gate.set_result, 7)
+        reply = await asyncio.wait_for(task, 5)
+        assert reply.body == b"7" and steps == ["started", "resumed"]
+
+        async def failing() -> Reply:
+            await asyncio.sleep(0.001)
+            raise ValueError("boom")
+
+        coro = failing()
+        task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+        with pytest.raises(ValueError, match="boom"):
+            await task
+
+    asyncio.run(scenario())
