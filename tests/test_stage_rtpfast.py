@@ -76,6 +76,7 @@ def test_a_speaker_and_a_return_bypass_aiortcs_packet_path_and_stay_audio() -> N
                 "inbound": decoding.bypass is not None and decoding.bypass.packets,
                 "polled": decoding.bypass is not None and decoding.bypass._polled is not None,
                 "outbound": track.bypass is not None and track.bypass.sent,
+                "packed": track.bypass is not None and track.bypass._template is not None,
                 "sender_counted": getattr(whep.pc.getTransceivers()[0].sender, "_RTCRtpSender__packet_count"),
             }
             return recording, facts
@@ -89,4 +90,5 @@ def test_a_speaker_and_a_return_bypass_aiortcs_packet_path_and_stay_audio() -> N
     assert facts["polled"], facts  # the speaker's socket is read at the tick
     assert facts["outbound"], facts  # the return was sent by the room, not aiortc's sender task
     assert facts["sender_counted"] == facts["outbound"], facts  # RTCP sender reports count them
+    assert facts["packed"], facts  # the MID-only header is packed, not built through RtpPacket
     assert tone_power(recording, RATE, TONE) > 0.5, "the speaker's tone is what the listener hears"

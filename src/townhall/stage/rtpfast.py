@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 NTP_EPOCH = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
 POLL_LIMIT = 64  # datagrams read from one speaker's socket per tick at most (50 packets/s normal)
 RECV_SIZE = 65536  # what asyncio's datagram transport reads at most
+HEADER = struct.Struct("!BBHII")  # RTP: V/P/X/CC, M/PT, sequence number, timestamp, SSRC
 
 
 def _ntp_now() -> int:
@@ -138,7 +140,10 @@ class InboundBypass:
             except OSError:
                 self._polled = None
                 return
-            protocol.datagram_received(data, addr)
+            if data and 127 < data[0] < 192:  # RTP or RTCP: not STUN, which aioice would try first
+                self._data_received(data, 1)
+            else:
+                protocol.datagram_received(data, addr)
 
     def _data_received(self, data: bytes, component: int) -> None:
         first = data[0]
@@ -184,6 +189,18 @@ class OutboundBypass:
         self._seq = secrets.randbits(16)
         self._timestamp = secrets.randbits(32)
         self.sent = 0
+        # Where the header extensions are the same on every packet (the MID alone: aiortc
+        # negotiates no abs-send-time or transport-wide sequence for audio), a packet is a packed
+        # 12-byte header, those extensions as aiortc serialises them, and the payload.
+        self._template: tuple[int, int, bytes] | None = None
+        ids = getattr(self._extensions, "_HeaderExtensionsMap__ids", None)
+        if ids is not None and ids.abs_send_time is None and ids.transport_sequence_number is None:
+            probe = RtpPacket(
+                self._pt, marker=1, sequence_number=0, timestamp=0, ssrc=self._ssrc, payload=b"\0"
+            )
+            probe.extensions.mid = self._mid
+            raw = probe.serialize(self._extensions)
+            self._template = (raw[0], raw[1], raw[12:-1])
 
     @classmethod
     def install(cls, transceiver: Any) -> OutboundBypass | None:
