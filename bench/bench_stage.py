@@ -1280,6 +1280,15 @@ def plot_pool(result: dict[str, Any], path: Path) -> None:
                 label=label,
                 **style,
             )
+            behind = [s for s in r["steps"] if not s["clients_kept_up"]]
+            ax.plot(
+                [s["spaces"] for s in behind],
+                [s["lateness"]["window_late_ticks"]["0.01"] for s in behind],
+                "x",
+                color="#c0392b",
+                markersize=12,
+                label="clients fell behind (step not counted)" if k == 0 and i == 0 else None,
+            )
             ax2.plot(ns, [s["stage_cores"] for s in r["steps"]], "o-", label=f"{label}: stage", **style)
             ax2.plot(ns, [s["client_cores"] for s in r["steps"]], "x--", label=f"{label}: clients", **style)
     ax.set_yscale("symlog", linthresh=1)
