@@ -89,7 +89,7 @@ class SpaceSnapshots:
         self._snaps: dict[str, SpaceSnapshot | None] = {}
         self._built: dict[str, float] = {}
         self._pending: dict[str, asyncio.Future[SpaceSnapshot | None]] = {}
-        self._ahead: set[asyncio.Task[SpaceSnapshot | None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._generation: dict[str, int] = {}
         self.reads = 0
 
@@ -99,15 +99,13 @@ class SpaceSnapshots:
             return False
         age = now - built
         if age >= self.ttl * self.AHEAD and space_id not in self._pending:
-            task = asyncio.get_running_loop().create_task(self._load(space_id, now))
-            self._ahead.add(task)
-            task.add_done_callback(self._refreshed)
+            self._start(space_id, now).add_done_callback(self._refreshed)
         return age < self.ttl
 
-    def _refreshed(self, task: asyncio.Task[SpaceSnapshot | None]) -> None:
-        self._ahead.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("space snapshot refresh failed", exc_info=task.exception())
+    @staticmethod
+    def _refreshed(future: asyncio.Future[SpaceSnapshot | None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning("space snapshot refresh failed", exc_info=future.exception())
 
     def fresh(self, space_id: str) -> bool:
         """Whether ``get`` would answer from memory now (no read, no wait)."""
@@ -117,14 +115,22 @@ class SpaceSnapshots:
         now = self.clock()
         if self._cached(space_id, now):
             return self._snaps[space_id]
-        pending = self._pending.get(space_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        return await self._load(space_id, now)
+        pending = self._pending.get(space_id) or self._start(space_id, now)
+        return await asyncio.shield(pending)
 
-    async def _load(self, space_id: str, now: float) -> SpaceSnapshot | None:
-        future: asyncio.Future[SpaceSnapshot | None] = asyncio.get_running_loop().create_future()
+    def _start(self, space_id: str, now: float) -> asyncio.Future[SpaceSnapshot | None]:
+        """One read of the space, in a task of its own; its future is the space's pending read
+        from now on (registered before the task runs, so a second asker in the same turn of
+        the loop waits for this one rather than starting another)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SpaceSnapshot | None] = loop.create_future()
         self._pending[space_id] = future
+        task = loop.create_task(self._load(space_id, now, future))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _load(self, space_id: str, now: float, future: asyncio.Future[SpaceSnapshot | None]) -> None:
         generation = self._generation.get(space_id, 0)
         try:
             snap = await self._read(space_id, now)
@@ -135,13 +141,15 @@ class SpaceSnapshots:
             if self._generation.get(space_id, 0) == generation:  # no local change since the read began
                 self._snaps[space_id], self._built[space_id] = snap, now
             future.set_result(snap)
-            return snap
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody waited
-            raise
         finally:
-            del self._pending[space_id]
+            if self._pending.get(space_id) is future:
+                del self._pending[space_id]
 
     async def _read(self, space_id: str, now: float) -> SpaceSnapshot | None:
         self.reads += 1
