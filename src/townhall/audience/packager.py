@@ -11,7 +11,7 @@ The worker thread is the packager's own, or one ``PackagerThread`` shared by eve
 a process (the stage's): a thread per space woke 50 times a second each and fought the event
 loop for the GIL at every frame (~800 context switches a second per space), where the shared
 thread is handed all spaces' frames of a tick in one batch. libav's AAC encoder runs with its
-``fast`` coder: ~75 µs a 20 ms frame with the muxing against ~135-165 µs for the default
+``fast`` coder: ~75 µs a 20 ms frame with the muxing against ~135-210 µs for the default
 ``twoloop`` search (BENCHMARKS.md, "Stage: the cost of a space").
 """
 

@@ -45,15 +45,16 @@ TIME_BASE = fractions.Fraction(1, RATE)
 OUT_QUEUE = 5  # 100 ms of audio per outbound consumer at most
 ENCODE_QUEUE = 5  # ticks waiting for the room's encoder thread at most
 OPUS_BITRATE = 96000  # what aiortc's own Opus encoder uses
-# CELT only ("lowdelay": no SILK, 2.5 ms look-ahead instead of 6.5 ms) at complexity 0: 35-40 µs
-# a 20 ms mono frame against 70-105 µs for VoIP mode at complexity 10 (the default), with the
-# same waveform error at this bit rate (BENCHMARKS.md, "Stage: the cost of a space"). At 96 kb/s
-# for one mono voice mix, the tools higher complexities add (pitch pre-filter, TF analysis) buy
-# nothing audible; the stage encodes a mix-minus per speaker every tick, so this is its bulk.
+# CELT only ("lowdelay": no SILK, 2.5 ms look-ahead instead of 6.5 ms) at complexity 0: ~40 µs
+# a 20 ms mono frame against ~78 µs for VoIP mode at complexity 10 (the default), with the
+# waveform error of complexity 10 at this bit rate (SNR 16.2 against 16.3 dB on a speech-like
+# test signal; VoIP mode 10.6 dB: bench/codec_cost.py, BENCHMARKS.md "Stage: the cost of a
+# space"). At 96 kb/s for one mono voice mix, what higher complexities add (pitch pre-filter,
+# TF analysis) buys nothing audible; the stage encodes a mix-minus per speaker every tick.
 OPUS_APPLICATION = "lowdelay"
+OPUS_COMPLEXITY = 0
 # Speakers' and returns' RTP beside aiortc's per-packet path once DTLS-SRTP is up (rtpfast.py).
 RTP_BYPASS = True
-OPUS_COMPLEXITY = 0
 
 
 class OpusEncoder:
