@@ -2,7 +2,7 @@
 
 ``.venv/bin/python bench/plot_stage_cost.py bench/results/stage-cost``
 
-Reads ``ramp-old.json`` and ``ramp-new*.json`` (``bench_stage.py --only ramp`` on the code before
+Reads ``ramp-old*.json`` and ``ramp-new*.json`` (``bench_stage.py --only ramp`` on the code before
 and after), ``profile-{old,new}-*.json`` (``profile_stage.py --json``: per-thread CPU of 8 spaces)
 and ``cpu13-{old,new}-*.json`` (``bench_stage.py --only cpu``), and writes ``stage-cost.png``
 beside them: stage cores against spaces for both, the per-thread split at 8 spaces (medians),
@@ -32,7 +32,7 @@ def load(path: Path) -> Any:
 def main(directory: str) -> int:
     root = Path(directory)
     fig, (ramp_ax, thread_ax, cpu_ax) = plt.subplots(1, 3, figsize=(16, 5))
-    ramps = [("old", "tab:red", root / "ramp-old.json")]
+    ramps = [("old", "tab:red", p) for p in sorted(root.glob("ramp-old*.json"))]
     ramps += [("new", "tab:blue", p) for p in sorted(root.glob("ramp-new*.json"))]
     for label, colour, path in ramps:
         steps = load(path)["results"]["ramp"]["steps"]
