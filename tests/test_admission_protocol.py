@@ -308,3 +308,35 @@ def test_a_join_that_suspends_after_all_goes_on_as_a_task_from_where_it_stopped(
             await task
 
     asyncio.run(scenario())
+
+
+def test_joins_answered_in_the_protocol_are_counted_like_routed_ones(tmp_path: Path) -> None:
+    """``/metrics``: joins answered either way are counted under the route's template and
+    status, and the admission's own counters (admitted, refused) move for both."""
+    with running_server(config(tmp_path, join_limit_per_address="5/minute")) as server:
+        _, space_id = live_space(server)
+        both = Both(server, space_id)
+        anon = server.client()
+        route = 'route="/api/v1/spaces/{space_id}/join"'
+
+        def counted(status: int) -> float:
+            text = anon.get("/metrics").text
+            lines = [ln for ln in text.splitlines() if ln.startswith("townhall_http_requests_total")]
+            mine = [ln for ln in lines if route in ln and f'status="{status}"' in ln]
+            return sum(float(ln.rsplit(" ", 1)[1]) for ln in mine)
+
+        def admission(name: str) -> float:
+            text = anon.get("/metrics").text
+            return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name))
+
+        ok, refused = counted(200), counted(429)
+        admitted = admission('townhall_admission_joins_total{outcome="admitted"}')
+        refusals = admission("townhall_admission_refused_total")
+        both.pair(anon)
+        both.pair(anon)  # hits 1-4 of the address
+        both.post(anon, "join", True)  # 5
+        _, fast = both.pair(anon)  # 6, 7: refused
+        assert fast.status_code == 429
+        assert counted(200) - ok == 5 and counted(429) - refused == 2
+        assert admission('townhall_admission_joins_total{outcome="admitted"}') - admitted == 5
+        assert admission("townhall_admission_refused_total") - refusals == 2
