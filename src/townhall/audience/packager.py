@@ -231,7 +231,13 @@ class PackagerThread:
     counted in each packager's ``dropped``: a starved thread loses audio, never delays a tick.
     Fed from outside an event loop, a frame goes to the thread at once."""
 
-    def __init__(self, name: str = "packager", queue_ticks: int = SHARED_QUEUE_TICKS) -> None:
+    def __init__(
+        self,
+        name: str = "packager",
+        queue_ticks: int = SHARED_QUEUE_TICKS,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_start = on_start  # called on the thread as it starts (the stage lowers its priority)
         self._queue: queue.Queue[_Batch | None] = queue.Queue(queue_ticks)
         self._pending: _Batch = []
         self._lock = threading.Lock()
@@ -281,6 +287,8 @@ class PackagerThread:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         stopping = False
         while not stopping:
             batch = self._queue.get()

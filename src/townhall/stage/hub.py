@@ -24,6 +24,7 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from townhall.audience.packager import Packager, PackagerThread, PartReady
 from townhall.stage.channel import StageError
 from townhall.stage.room import Peer, Room, StageClock
+from townhall.stage.threads import below_the_loop
 from townhall.storage.media_store import MediaStore, PartRecord
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class StageHub:
         self.bitrate = bitrate
         self._ice = [RTCIceServer(urls=u) for u in ice_servers]
         self.clock = StageClock()  # one 20 ms clock and encoder thread for every room
-        self.packaging = PackagerThread()  # one AAC/fMP4 thread for every space's packager
+        # One AAC/fMP4 thread for every space's packager, a real-time priority below the loop.
+        self.packaging = PackagerThread(on_start=below_the_loop)
 
     # -- rooms ---------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from townhall.stage.jitter import Frame
 from townhall.stage.lateness import LatenessWindow
 from townhall.stage.mixer import FRAME_SAMPLES, RATE, TICK, Mixer, MixOutput
 from townhall.stage.rtpfast import InboundBypass, OutboundBypass
+from townhall.stage.threads import below_the_loop
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class _Encoder:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        below_the_loop()
         while (work := self._queue.get()) is not None:
             try:
                 done = [(track, p) for track, samples in work for p in track.encoder.encode(samples)]
