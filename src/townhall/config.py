@@ -104,8 +104,8 @@ class Config:
     # Capacity of one space and of this node: live tickets at once, new admissions per second
     # (a token bucket with this burst). Over either, joins wait in the space's waiting room.
     space_max_listeners: int = 10_000_000
-    space_join_rate: float = 2000.0
-    space_join_burst: float = 2000.0
+    space_join_rate: float = 10_000.0
+    space_join_burst: float = 10_000.0
     # Independent splits of each space's waiting-room counters (Redis keys, on as many primaries
     # in a cluster), each with 1/K of the space's rate, burst and cap: one Redis thread serves
     # ~7,000-10,000 updates/s of one key (BENCHMARKS.md, "Scale-out plan"; `townhall plan`).
@@ -114,8 +114,8 @@ class Config:
     # hold the splits: split k on server k mod n. Empty: all on redis_url.
     waiting_room_redis_urls: str = ""
     node_max_listeners: int = 20_000
-    node_join_rate: float = 2000.0
-    node_join_burst: float = 2000.0
+    node_join_rate: float = 10_000.0
+    node_join_burst: float = 10_000.0
     # A queue token is good for this long after its arrival.
     queue_token_ttl_seconds: int = 3600
     # Limits of new joins, and of renewals and waiting-room returns (higher): per address, per

@@ -178,8 +178,8 @@ SPECS: tuple[Spec, ...] = (
         "req/s/core",
         "admission requests (join, waiting-room return, renewal) one townhall node process answers",
         2000.0,
-        "node_join_rate, measured here: one node process admitted 2,081 joins/s over loopback at "
-        "p99 16 ms (docs/configuration.md, Admission); no result file carries it",
+        "a fleet's node on Redis answers joins the ASGI way: ~2,000-2,400 per node CPU-second "
+        "measured here (docs/scaleout.md; BENCHMARKS.md, Admission); no result file carries it",
     ),
     Spec(
         "media_bytes_per_second",
