@@ -38,7 +38,9 @@ def main(directory: str) -> int:
         steps = load(path)["results"]["ramp"]["steps"]
         ns = [s["spaces"] for s in steps]
         when = load(path)["date"][11:16]
-        ramp_ax.plot(ns, [s["stage_cores"] for s in steps], "o-", color=colour, label=f"{label} ({when} UTC)")
+        name = path.stem.removeprefix("ramp-")
+        style = "s--" if "prio" in name else "o-"  # the workers below the loop's priority
+        ramp_ax.plot(ns, [s["stage_cores"] for s in steps], style, color=colour, label=f"{name} ({when} UTC)")
         late = [s for s in steps if s["late_tick_in_window"]]
         if late:
             xs, ys = [s["spaces"] for s in late], [s["stage_cores"] for s in late]
@@ -47,7 +49,7 @@ def main(directory: str) -> int:
     ramp_ax.set_xlabel("concurrent 3-speaker spaces (3 WHIP + 3 WHEP each)")
     ramp_ax.set_ylabel("stage process CPU, cores")
     ramp_ax.set_title("Ramp (x: late tick in the window)")
-    ramp_ax.legend()
+    ramp_ax.legend(fontsize=7)
     ramp_ax.grid(alpha=0.3)
 
     width = 0.38
