@@ -508,6 +508,15 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path, *, dpi: int, title: str | None = None, title_size: float = 10) -> None:
+    """Write ``fig`` to ``path`` at ``dpi`` under ``title`` (its suptitle, when given) and close
+    it: pyplot keeps every figure it made open until told."""
+    if title is not None:
+        fig.suptitle(title, fontsize=title_size)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_pair(ax: Any, names: Sequence[str], townhall: dict[str, Any], peer: dict[str, Any]) -> None:
     """Townhall's and its peer's rates as two bars on ``ax``, each labelled with its rate, p50
     and p99 (``Measurement`` fields)."""

@@ -99,6 +99,7 @@ from _common import (
     own_cpu_s,
     pyplot,
     run_wrk,
+    save_figure,
     session_cpu_seconds,
     session_rss_bytes,
     shown,
@@ -818,12 +819,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("origin process RSS, MiB")
     ax.set_title(f"{result['held']['listeners']:,} listeners on blocking reload", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.suptitle(
-        f"townhall audience, {result['machine']['cpus']} cores, loopback, {result['date'][:16]} UTC",
-        fontsize=10,
+    save_figure(
+        fig,
+        path,
+        dpi=120,
+        title=f"townhall audience, {result['machine']['cpus']} cores, loopback, {result['date'][:16]} UTC",
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -76,6 +76,7 @@ from _common import (
     plot_pair,
     pyplot,
     run_wrk,
+    save_figure,
     shown,
     tools_missing,
     write_lua,
@@ -255,14 +256,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("requests/s" if "GET" in r["case"] else "logins or verifies/s")
         ax.grid(axis="y", alpha=0.3)
     s = result["settings"]
-    fig.suptitle(
-        f"townhall control plane, {result['machine']['cpus']} cores, loopback, {result['date'][:10]}  "
+    save_figure(
+        fig,
+        path,
+        dpi=120,
+        title=f"townhall control plane, {result['machine']['cpus']} cores, loopback, {result['date'][:10]}  "
         f"(reads: wrk {s['wrk_reads']}; logins: wrk {s['wrk_logins']}; "
         f"nginx workers {s['nginx_worker_processes']})",
-        fontsize=9,
+        title_size=9,
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,17 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HOST, free_port, git_state, nginx_command, session_cpu_seconds, stop, townhall_server
+from _common import (
+    HOST,
+    free_port,
+    git_state,
+    nginx_command,
+    pyplot,
+    save_figure,
+    session_cpu_seconds,
+    stop,
+    townhall_server,
+)
 
 from townhall.scaleout.edge import EdgeSettings, render
 from townhall.stage.client import publish
@@ -285,11 +295,7 @@ end
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = results["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [r["listeners"] for r in runs]
@@ -309,7 +315,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax2.set_title("Listener request latency through the edge")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import REPO, RESULTS, machine_facts, pyplot
+from _common import REPO, RESULTS, machine_facts, pyplot, save_figure
 from bench_control import townhall_server
 
 sys.path.insert(0, str(REPO))  # the tests' real-packager helper
@@ -352,7 +352,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title("Replay availability after the end (loopback, 2 shared cores)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

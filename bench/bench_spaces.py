@@ -111,6 +111,7 @@ from _common import (
     plot_pair,
     pyplot,
     run_wrk,
+    save_figure,
     shown,
     tools_missing,
     townhall_server,
@@ -928,13 +929,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
 
     m = result["machine"]
-    fig.suptitle(
-        f"townhall spaces, {m['cpus']} cores, loopback, SQLite, {result['date'][:10]}  "
+    save_figure(
+        fig,
+        path,
+        dpi=120,
+        title=f"townhall spaces, {m['cpus']} cores, loopback, SQLite, {result['date'][:10]}  "
         f"(wrk, server and nginx share the cores; latencies are closed-loop)",
-        fontsize=10,
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -104,7 +104,7 @@ import aiortc.rtcrtpreceiver
 import av
 import httpx
 import numpy as np
-from _common import CLK_TCK, HOST, Server, busy_cpu_s, cpu_model, tool_version, write_lua
+from _common import CLK_TCK, HOST, Server, busy_cpu_s, cpu_model, pyplot, save_figure, tool_version, write_lua
 from _common import townhall_server as serve_townhall
 from aiortc import RTCConfiguration, RTCOutboundRtpStreamStats, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -1087,11 +1087,7 @@ def ramp_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     r = result["results"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
 
@@ -1203,13 +1199,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
 
     m = result["machine"]
-    fig.suptitle(
-        f"townhall stage ({result['stage_scheduling']}), {m['cpus']} cores shared by server, clients "
+    save_figure(
+        fig,
+        path,
+        dpi=110,
+        title=f"townhall stage ({result['stage_scheduling']}), {m['cpus']} cores shared by server, clients "
         f"and wrk, loopback, {result['date'][:10]}",
-        fontsize=10,
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def pool_table(result: dict[str, Any]) -> str:
@@ -1258,11 +1254,7 @@ def pool_steps_table(result: dict[str, Any]) -> str:
 
 
 def plot_pool(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by = result["results"]["ramp_by_stage_processes"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     colors = ["#7f8c8d", "#3b6ea8", "#27ae60", "#8e44ad"]
@@ -1309,13 +1301,13 @@ def plot_pool(result: dict[str, Any], path: Path) -> None:
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     m = result["machine"]
-    fig.suptitle(
-        f"townhall stage pool ({result['stage_scheduling']}), {m['cpus']} cores shared by server and "
+    save_figure(
+        fig,
+        path,
+        dpi=110,
+        title=f"townhall stage pool ({result['stage_scheduling']}), {m['cpus']} cores shared by server and "
         f"clients, loopback, {result['date'][:16]} UTC, load avg before {m['loadavg_before'][0]:.2f}",
-        fontsize=10,
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_pool(result: dict[str, Any], out: Path, name: str) -> int:
