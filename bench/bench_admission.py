@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     RESULTS,
+    Measurement,
     WrkSettings,
     find_tool,
     git_state,
     http,
     nginx_serving,
+    pyplot,
     run_wrk,
+    save_figure,
     townhall_server,
     write_lua,
 )
@@ -64,6 +68,43 @@ UNLIMITED = {
     "node_max_listeners": 10**9,
     "space_max_listeners": 10**9,
 }
+
+
+def unlimited_env() -> dict[str, str]:
+    """``UNLIMITED`` as a node's environment, with room for the host's sign-up."""
+    env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
+    env["TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS"] = "1000/minute"
+    return env
+
+
+def join_row(connections: int, attempt: int, joins: Measurement) -> dict[str, Any]:
+    """What every run of joins records: its place in the sweep, the load, and wrk's figures."""
+    return {
+        "connections": connections,
+        "attempt": attempt,
+        "load": round(os.getloadavg()[0], 2),
+        "joins_per_s": round(joins.rps, 1),
+        "join_p50_ms": joins.p50_ms,
+        "join_p99_ms": joins.p99_ms,
+        "join_non_2xx": joins.non_2xx,
+    }
+
+
+def medians(
+    rows: list[dict[str, Any]], groups: list[dict[str, Any]], keys: list[str]
+) -> list[dict[str, Any]]:
+    """Per group (the fields a row must match, e.g. ``{"connections": 4}``), the median of each
+    of ``keys`` over its rows."""
+    return [
+        {
+            **group,
+            **{
+                k: statistics.median(r[k] for r in rows if all(r[f] == v for f, v in group.items()))
+                for k in keys
+            },
+        }
+        for group in groups
+    ]
 
 
 async def run(joins: int, profile: bool) -> dict[str, float]:
@@ -178,8 +219,7 @@ def _live_space(base: str) -> str:
 
 
 def over_http(connections: list[int], seconds: int, repeat: int, with_nginx: bool) -> dict[str, Any]:
-    env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
-    env["TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS"] = "1000/minute"
+    env = unlimited_env()
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="townhall-bench-admission-")))
@@ -206,13 +246,7 @@ def over_http(connections: list[int], seconds: int, repeat: int, with_nginx: boo
                 peer_cpu = server.cpu_seconds() - cpu
                 static = run_wrk("nginx", nginx_url, health_lua, settings) if nginx_url else None
                 row = {
-                    "connections": c,
-                    "attempt": attempt,
-                    "load": round(os.getloadavg()[0], 2),
-                    "joins_per_s": round(joins.rps, 1),
-                    "join_p50_ms": joins.p50_ms,
-                    "join_p99_ms": joins.p99_ms,
-                    "join_non_2xx": joins.non_2xx,
+                    **join_row(c, attempt, joins),
                     "join_errors": joins.socket_errors + joins.timeouts,
                     "joins_per_cpu_s": round(joins.rps * seconds / max(join_cpu, 1e-9), 1),
                     "healthz_per_s": round(peer.rps, 1),
@@ -239,14 +273,8 @@ def over_http(connections: list[int], seconds: int, repeat: int, with_nginx: boo
     keys = ["joins_per_s", "join_p50_ms", "join_p99_ms", "joins_per_cpu_s", "healthz_per_s", "ratio", "load"]
     if any(r["nginx_per_s"] for r in rows):
         keys += ["nginx_per_s", "ratio_nginx"]
-    medians = [
-        {
-            "connections": c,
-            **{k: statistics.median(r[k] for r in rows if r["connections"] == c) for k in keys},
-        }
-        for c in connections
-    ]
-    return {"rows": rows, "medians": medians, "seconds": seconds, "repeat": repeat}
+    groups = [{"connections": c} for c in connections]
+    return {"rows": rows, "medians": medians(rows, groups, keys), "seconds": seconds, "repeat": repeat}
 
 
 # -- several node processes on one port (SO_REUSEPORT), sharing limits and waiting room in Redis --
@@ -312,9 +340,7 @@ def over_nodes(
     for count in counts:
         with tempfile.TemporaryDirectory(prefix="townhall-bench-nodes-") as tmp:
             work = Path(tmp)
-            env = {f"TOWNHALL_{k.upper()}": str(v) for k, v in UNLIMITED.items()}
-            env |= {
-                "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": "1000/minute",
+            env = unlimited_env() | {
                 "TOWNHALL_DATA": str(work / "data"),
                 "TOWNHALL_REDIS_URL": redis_url,
                 "TOWNHALL_REDIS_PREFIX": f"bench{uuid.uuid4().hex[:10]}",
@@ -331,13 +357,7 @@ def over_nodes(
                         cpu = sum(session_cpu_seconds(p.pid) for p in procs) - cpu
                         row = {
                             "nodes": count,
-                            "connections": c,
-                            "attempt": attempt,
-                            "load": round(os.getloadavg()[0], 2),
-                            "joins_per_s": round(joins.rps, 1),
-                            "join_p50_ms": joins.p50_ms,
-                            "join_p99_ms": joins.p99_ms,
-                            "join_non_2xx": joins.non_2xx,
+                            **join_row(c, attempt, joins),
                             "joins_per_node_cpu_s": round(joins.rps * seconds / max(cpu, 1e-9), 1),
                         }
                         rows.append(row)
@@ -349,82 +369,72 @@ def over_nodes(
                             flush=True,
                         )
     keys = ["joins_per_s", "join_p50_ms", "join_p99_ms", "joins_per_node_cpu_s", "load"]
-    medians = [
-        {
-            "nodes": n,
-            "connections": c,
-            **{
-                k: statistics.median(r[k] for r in rows if (r["nodes"], r["connections"]) == (n, c))
-                for k in keys
-            },
-        }
-        for n in counts
-        for c in connections
-    ]
-    return {"rows": rows, "medians": medians, "seconds": seconds, "repeat": repeat, "redis": redis_url}
+    groups = [{"nodes": n, "connections": c} for n in counts for c in connections]
+    return {
+        "rows": rows,
+        "medians": medians(rows, groups, keys),
+        "seconds": seconds,
+        "repeat": repeat,
+        "redis": redis_url,
+    }
 
 
 def plot(figures: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     med = figures["medians"]
     cs = [m["connections"] for m in med]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     left.plot(cs, [m["joins_per_s"] for m in med], "o-", label="admitted joins/s")
     left.plot(cs, [m["healthz_per_s"] for m in med], "s--", label="/healthz/s (same node, ASGI)")
     if "nginx_per_s" in med[0]:
         left.plot(cs, [m["nginx_per_s"] for m in med], "d-.", label="nginx static 200/s (1 worker)")
-    left.axhline(10_000, color="grey", linestyle=":", label="target 10,000 joins/s")
-    left.plot(cs, [m["joins_per_cpu_s"] for m in med], "^:", label="joins per node CPU-second")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("wrk connections")
-    left.set_ylabel("per second")
-    left.legend()
-    left.set_title("joins over loopback (median of runs)")
     right.plot(cs, [m["join_p50_ms"] for m in med], "o-", label="p50")
     right.plot(cs, [m["join_p99_ms"] for m in med], "s-", label="p99")
-    right.axhline(50, color="grey", linestyle=":", label="target p99 50 ms")
-    right.set_xscale("log", base=2)
-    right.set_yscale("log")
-    right.set_xlabel("wrk connections")
-    right.set_ylabel("join latency, ms")
-    right.legend()
+    targets(left, right)
+    left.plot(cs, [m["joins_per_cpu_s"] for m in med], "^:", label="joins per node CPU-second")
+    left.set_title("joins over loopback (median of runs)")
     right.set_title("join latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    finish(fig, left, right, "per second", path)
 
 
 def plot_nodes(figures: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     for n in sorted({m["nodes"] for m in figures["medians"]}):
         med = [m for m in figures["medians"] if m["nodes"] == n]
         cs = [m["connections"] for m in med]
         left.plot(cs, [m["joins_per_s"] for m in med], "o-", label=f"{n} node(s) on Redis")
         right.plot(cs, [m["join_p99_ms"] for m in med], "s-", label=f"p99, {n} node(s)")
-    left.axhline(10_000, color="grey", linestyle=":", label="target 10,000 joins/s")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("wrk connections")
-    left.set_ylabel("admitted joins/s")
-    left.legend()
+    targets(left, right)
     left.set_title("node processes sharing limits and waiting room (Redis)")
+    finish(fig, left, right, "admitted joins/s", path)
+
+
+def targets(left: Any, right: Any) -> None:
+    """The targets both plots measure against: joins/s on the left, join p99 on the right."""
+    left.axhline(10_000, color="grey", linestyle=":", label="target 10,000 joins/s")
     right.axhline(50, color="grey", linestyle=":", label="target p99 50 ms")
-    right.set_xscale("log", base=2)
+
+
+def finish(fig: Any, left: Any, right: Any, left_label: str, path: Path) -> None:
+    """Both plots' axes (connections doubling on x; latency on a log scale) and the PNG."""
+    for ax, label in ((left, left_label), (right, "join latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("wrk connections")
+        ax.set_ylabel(label)
+        ax.legend()
     right.set_yscale("log")
-    right.set_xlabel("wrk connections")
-    right.set_ylabel("join latency, ms")
-    right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
+
+
+def write_results(
+    name: str, out: dict[str, Any], draw: Callable[[dict[str, Any], Path], None], figures: dict[str, Any]
+) -> None:
+    """``bench/results/<name>.json`` (``out``, the git state and the core count) and the plot
+    ``draw`` makes of ``figures`` beside it, ``<name>.png``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {**out, "git": git_state(), "cpus": os.cpu_count()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    draw(figures, RESULTS / f"{name}.png")
 
 
 def main() -> None:
@@ -449,10 +459,7 @@ def main() -> None:
     if args.nodes:
         counts = [int(n) for n in args.nodes.split(",")]
         nodes = over_nodes(counts, connections, args.seconds, args.repeat, args.redis)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = {"over_nodes": nodes, "git": git_state(), "cpus": os.cpu_count()}
-        (RESULTS / "admission_nodes.json").write_text(json.dumps(out, indent=2) + "\n")
-        plot_nodes(nodes, RESULTS / "admission_nodes.png")
+        write_results("admission_nodes", {"over_nodes": nodes}, plot_nodes, nodes)
         for m in nodes["medians"]:
             print(
                 f"median {m['nodes']} node(s) -c{m['connections']}: {m['joins_per_s']:,.0f} joins/s, "
@@ -470,10 +477,7 @@ def main() -> None:
     if not args.http:
         return
     figures = over_http(connections, args.seconds, args.repeat, args.nginx)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"in_process": r, "over_http": figures, "git": git_state(), "cpus": os.cpu_count()}
-    (RESULTS / "admission.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(figures, RESULTS / "admission.png")
+    write_results("admission", {"in_process": r, "over_http": figures}, plot, figures)
     for m in figures["medians"]:
         print(
             f"median -c{m['connections']}: {m['joins_per_s']:,.0f} joins/s, p99 {m['join_p99_ms']:.1f} ms, "
