@@ -1078,12 +1078,21 @@ def ramp_table(result: dict[str, Any]) -> str:
             verdict += ", clients behind"
         rows.append(
             f"| {s['spaces']} | {e['whip']:.0f} / {e['whep']:.0f} | {e['p50_ms']:.2f} / {e['p99_ms']:.2f} / "
-            f"{e['max_ms']:.2f} | {s['lateness']['window_late_ticks']['0.01']:.0f} / "
-            f"{s['lateness']['window_ticks']:.0f} | {s['stage_cores']:.2f} | {s['http_cores']:.2f} | "
-            f"{s['client_cores']:.2f} | {s['whip_packets_per_s_min']:.0f} / {s['whep_frames_per_s_min']:.0f} "
-            f"| {verdict} |"
+            f"{e['max_ms']:.2f} | {late_ticks(s)} | {s['stage_cores']:.2f} | {s['http_cores']:.2f} | "
+            f"{s['client_cores']:.2f} | {slowest_rates(s)} | {verdict} |"
         )
     return "\n".join(rows)
+
+
+def late_ticks(step: dict[str, Any]) -> str:
+    """A ramp step's table cell: late ticks / ticks, in its window."""
+    lateness = step["lateness"]
+    return f"{lateness['window_late_ticks']['0.01']:.0f} / {lateness['window_ticks']:.0f}"
+
+
+def slowest_rates(step: dict[str, Any]) -> str:
+    """A ramp step's table cell: the slowest WHIP client's packets/s / the slowest WHEP's."""
+    return f"{step['whip_packets_per_s_min']:.0f} / {step['whep_frames_per_s_min']:.0f}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -1221,14 +1230,19 @@ def pool_table(result: dict[str, Any]) -> str:
             if step is None:
                 rows.append(f"| {n} | {i} | {best} | {r['stopped']} | - | - | - | - |")
                 continue
-            each = " / ".join(f"{c:.2f}" for c in step["stage_cores_by_process"].values())
             rows.append(
-                f"| {n} | {i} | **{best}** | {r['stopped']} | {step['stage_cores']:.2f} ({each}) | "
+                f"| {n} | {i} | **{best}** | {r['stopped']} | {pool_cores(step)} | "
                 f"{step['http_cores']:.2f} / {step['client_cores']:.2f} | "
                 f"{step['healthz_ms']['p99_ms']:.1f} | "
                 f"{step['loadavg'][0]:.2f} |"
             )
     return "\n".join(rows)
+
+
+def pool_cores(step: dict[str, Any]) -> str:
+    """A pool ramp step's table cell: the stage processes' cores, summed (each process's)."""
+    each = " / ".join(f"{c:.2f}" for c in step["stage_cores_by_process"].values())
+    return f"{step['stage_cores']:.2f} ({each})"
 
 
 def pool_steps_table(result: dict[str, Any]) -> str:
@@ -1242,13 +1256,11 @@ def pool_steps_table(result: dict[str, Any]) -> str:
         for i, r in enumerate(runs, start=1):
             for s in r["steps"]:
                 e, h = s["lateness"]["end_of_window"], s["healthz_ms"]
-                each = " / ".join(f"{c:.2f}" for c in s["stage_cores_by_process"].values())
                 rows.append(
-                    f"| {n} | {i} | {s['spaces']} | {s['lateness']['window_late_ticks']['0.01']:.0f} / "
-                    f"{s['lateness']['window_ticks']:.0f} | {e['p99_ms']:.2f} / {e['max_ms']:.2f} | "
-                    f"{s['stage_cores']:.2f} ({each}) | {s['http_cores']:.2f} | {s['client_cores']:.2f} | "
-                    f"{s['whip_packets_per_s_min']:.0f} / {s['whep_frames_per_s_min']:.0f} | "
-                    f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} / {h['max_ms']:.1f} | {s['loadavg'][0]:.2f} |"
+                    f"| {n} | {i} | {s['spaces']} | {late_ticks(s)} | {e['p99_ms']:.2f} / "
+                    f"{e['max_ms']:.2f} | {pool_cores(s)} | {s['http_cores']:.2f} | "
+                    f"{s['client_cores']:.2f} | {slowest_rates(s)} | {h['p50_ms']:.1f} / {h['p99_ms']:.1f} / "
+                    f"{h['max_ms']:.1f} | {s['loadavg'][0]:.2f} |"
                 )
     return "\n".join(rows)
 
