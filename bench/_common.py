@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from townhall.scaleout.edge import main_context, temp_paths
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
@@ -253,10 +255,7 @@ def run_wrk(
 
 
 NGINX_CONF = """\
-worker_processes {workers};
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 1024; }}
+{main_context}
 http {{
     access_log off;
     server_tokens off;
@@ -264,11 +263,7 @@ http {{
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
+{temp_paths}
     types {{ {types} }}
     default_type application/json;
     server {{
@@ -313,7 +308,16 @@ def nginx_serving(
     port = free_port()
     conf = prefix / "nginx.conf"
     mime = " ".join(f"{kind} {ext};" for ext, kind in (types or {}).items())
-    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, host=HOST, port=port, types=mime))
+    conf.write_text(
+        NGINX_CONF.format(
+            main_context=main_context(str(prefix), workers, 1024),
+            temp_paths=temp_paths(str(prefix)),
+            prefix=prefix,
+            host=HOST,
+            port=port,
+            types=mime,
+        )
+    )
     log = prefix / "stderr.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

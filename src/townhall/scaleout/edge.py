@@ -61,12 +61,33 @@ class EdgeSettings:
     ticket_dir: str = ""
 
 
+def main_context(prefix: str, workers: str, worker_connections: int) -> str:
+    """The main context of an nginx run out of ``prefix`` (``nginx -p``): its error log and pid
+    file live there, beside the cache and temp files, so it needs no system directory."""
+    return (
+        f"worker_processes {workers};\n"
+        f"error_log {prefix}/error.log warn;\n"
+        f"pid {prefix}/nginx.pid;\n"
+        f"events {{ worker_connections {worker_connections}; }}"
+    )
+
+
+def temp_paths(prefix: str) -> str:
+    """The http context's temp directories, all under ``prefix``/tmp: nginx's built-in ones are
+    system directories its workers (dropped to "nobody") may not be able to write."""
+    temp = f"{prefix}/tmp"  # noqa: S108 - the edge's own prefix, not the system /tmp
+    return (
+        f"    client_body_temp_path {temp}/body;\n"
+        f"    proxy_temp_path {temp}/proxy;\n"
+        f"    fastcgi_temp_path {temp}/fastcgi;\n"
+        f"    uwsgi_temp_path {temp}/uwsgi;\n"
+        f"    scgi_temp_path {temp}/scgi;"
+    )
+
+
 TEMPLATE = """\
 # townhall listener edge (rendered by townhall.scaleout.edge; see docs/architecture.md).
-worker_processes {workers};
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 8192; }}
+{main_context}
 
 http {{
 {ticket_http}
@@ -75,11 +96,7 @@ http {{
     sendfile on;
     tcp_nodelay on;
     keepalive_requests 100000;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
+{temp_paths}
 
     proxy_cache_path {prefix}/cache levels=1:2 keys_zone=townhall_hls:64m max_size={cache_size}
                      inactive=10m use_temp_path=off;
@@ -150,7 +167,8 @@ def render(settings: EdgeSettings) -> str:
     d = settings.ticket_dir.rstrip("/")
     ticket = f"            include {d}/ticket.conf;" if d else NO_TICKET_CHECK
     return TEMPLATE.format(
-        workers=settings.workers,
+        main_context=main_context(settings.prefix, settings.workers, 8192),
+        temp_paths=temp_paths(settings.prefix),
         prefix=settings.prefix,
         cache_size=settings.cache_size,
         servers=servers,
