@@ -115,20 +115,37 @@ def http(
         return exc.code, exc.read()
 
 
-def wait_http_ok(url: str, proc: subprocess.Popen[bytes], deadline_s: float, log: Path) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+def wait_ready(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    deadline_s: float,
+    log: Path | None,
+    what: str,
+    every_s: float = 0.1,
+) -> None:
+    """Poll ``ready`` (an OSError from it counts as not yet) until it says True; fail early if
+    ``proc``, the server it waits for, exits. ``what`` names what did not happen in time."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}; log:\n{tail(log)}")
         with contextlib.suppress(OSError):
-            if http("GET", url, timeout=1.0)[0] == 200:
+            if ready():
                 return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {deadline_s} s; log:\n{tail(log)}")
+        time.sleep(every_s)
+    raise RuntimeError(f"{what} within {deadline_s} s; log:\n{tail(log)}")
 
 
-def tail(path: Path, lines: int = 30) -> str:
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], deadline_s: float, log: Path) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    wait_ready(
+        lambda: http("GET", url, timeout=1.0)[0] == 200, proc, deadline_s, log, f"{url} did not answer 200"
+    )
+
+
+def tail(path: Path | None, lines: int = 30) -> str:
+    if path is None:
+        return "(no log)"
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

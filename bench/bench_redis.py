@@ -51,7 +51,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -63,10 +62,13 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, free_port, wait_ready
+
 from townhall.admission import waiting_room as wr
 from townhall.admission.queue_store import RedisQueueStore
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KEY = "bench:plan:space"
 BUCKETS = 60
 
@@ -98,25 +100,22 @@ def initial_fields() -> dict[str, str]:
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A Redis of our own on a free loopback port; its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
+
+    def pong() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        wait_ready(pong, proc, 10.0, None, f"redis-server at {url} did not answer PING", every_s=0.05)
         yield url
     finally:
         proc.terminate()
