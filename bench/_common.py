@@ -30,6 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
+# A bench that signs up and logs in many accounts from one address: those limits out of its way.
+GENEROUS = "1000000/minute"
+MANY_ACCOUNTS_ENV = {
+    "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": GENEROUS,
+    "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": GENEROUS,
+    "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": GENEROUS,
+}
 
 # Prints wrk's summary as one JSON line after the run; shared by every wrk invocation.
 WRK_DONE_LUA = r"""
@@ -512,6 +520,11 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"| {ratio} | {errors_of(t)} / {errors_of(p)} |"
         )
     return lines
+
+
+def say(message: str) -> None:
+    """A line of a benchmark's report, on stdout at once (runs are long; the log is watched)."""
+    print(message, flush=True)
 
 
 def shown(path: Path) -> str:

@@ -83,6 +83,8 @@ import numpy as np
 from _common import (
     CLK_TCK,
     HOST,
+    MANY_ACCOUNTS_ENV,
+    PASSWORD,
     WRK_DONE_LUA,
     Server,
     WrkSettings,
@@ -100,6 +102,7 @@ from _common import (
     pyplot,
     run_wrk,
     save_figure,
+    say,
     session_cpu_seconds,
     session_rss_bytes,
     shown,
@@ -116,18 +119,7 @@ from townhall.stage.ice import restrict_host_addresses
 from townhall.stage.sources import ChirpTrack, find_chirps
 
 RATE = 48000
-PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
-GENEROUS = "1000000/minute"
-SERVER_ENV = {
-    "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": GENEROUS,
-    "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": GENEROUS,
-    "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": GENEROUS,
-}
 MIME = {"m4s": "audio/mp4", "mp4": "audio/mp4", "m3u8": "application/vnd.apple.mpegurl"}
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -666,7 +658,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="townhall-bench-audience-") as tmp:
         workdir = Path(tmp)
-        with townhall_server(workdir / "data", workdir / "townhall.log", SERVER_ENV, warn=say) as server:
+        with townhall_server(
+            workdir / "data", workdir / "townhall.log", MANY_ACCOUNTS_ENV, warn=say
+        ) as server:
             s = live_space(server.base)
             playlist_now(server.base, s["space"], s["ticket"])
             rate_rows: dict[str, Any] = {"rows": []}
@@ -703,7 +697,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "wrk": WrkSettings(args.threads, args.connections, args.duration, args.timeout).describe(),
             "warmup_s": args.warmup,
             "nginx_worker_processes": args.nginx_workers,
-            "server_env": SERVER_ENV,
+            "server_env": MANY_ACCOUNTS_ENV,
         },
         "rates": rate_rows,
         "latency": latency,

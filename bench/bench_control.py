@@ -63,6 +63,7 @@ from typing import Any
 
 import argon2
 from _common import (
+    PASSWORD,
     Comparison,
     Measurement,
     WrkSettings,
@@ -84,7 +85,6 @@ from _common import (
 from _common import townhall_server as serve_townhall
 
 HANDLE = "bench_account"
-PASSWORD = "correct horse battery staple"  # a throwaway account on a throwaway database
 LIMIT_ENV = {
     "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": "1000000/minute",
     "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": "1000000/minute",

@@ -92,6 +92,7 @@ from urllib.parse import urlsplit
 
 from _common import (
     HOST,
+    PASSWORD,
     WRK_DONE_LUA,
     Comparison,
     Measurement,
@@ -122,7 +123,6 @@ from _common import (
 
 from townhall.security.tokens import new_token, token_digest
 
-PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
 BIG, SMALL = "big_host", "small_host"
 SMALL_FOLLOWERS = 10
 EMOJI = "👏"

@@ -104,7 +104,22 @@ import aiortc.rtcrtpreceiver
 import av
 import httpx
 import numpy as np
-from _common import CLK_TCK, HOST, Server, busy_cpu_s, cpu_model, pyplot, save_figure, tool_version, write_lua
+from _common import (
+    CLK_TCK,
+    HOST,
+    MANY_ACCOUNTS_ENV,
+    PASSWORD,
+    REPO,
+    RESULTS,
+    Server,
+    busy_cpu_s,
+    cpu_model,
+    pyplot,
+    save_figure,
+    say,
+    tool_version,
+    write_lua,
+)
 from _common import townhall_server as serve_townhall
 from aiortc import RTCConfiguration, RTCOutboundRtpStreamStats, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -113,28 +128,15 @@ from townhall.stage.client import Session, publish, record_timed, subscribe
 from townhall.stage.ice import restrict_host_addresses
 from townhall.stage.sources import ChirpTrack, find_chirps
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
 RATE = 48000
 FRAME = 960
 TIME_BASE = fractions.Fraction(1, RATE)
 TICK_S = 0.020
-PASSWORD = "correct horse battery staple"  # throwaway accounts on a throwaway database
-GENEROUS = "1000000/minute"
-SERVER_ENV = {
-    "TOWNHALL_LOGIN_LIMIT_PER_ADDRESS": GENEROUS,
-    "TOWNHALL_LOGIN_LIMIT_PER_ACCOUNT": GENEROUS,
-    "TOWNHALL_SIGNUP_LIMIT_PER_ADDRESS": GENEROUS,
-}
 KEEP_UP = 0.9  # a client moving less than this share of its 50 frames/s has fallen behind
 LATE_MS = 10.0  # a tick more than this past its deadline is late
 OVERS = ("0.005", "0.01", "0.02")  # townhall_stage_late_ticks thresholds, seconds
 
 logger = logging.getLogger("bench_stage")
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def stage_cpu_seconds(server: Server) -> float:
 def townhall_server(workdir: Path, niced: bool = False, processes: int | None = None) -> Iterator[Server]:
     """``townhall serve`` as shipped; ``niced``: without SCHED_RR; ``processes``: that many stage
     processes (``TOWNHALL_STAGE_PROCESSES``; None: the default, one per CPU)."""
-    env = dict(SERVER_ENV)
+    env = dict(MANY_ACCOUNTS_ENV)
     if niced:
         env["TOWNHALL_STAGE_REALTIME"] = "false"
     if processes is not None:
@@ -980,7 +982,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_after": os.getloadavg(),
         },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "server_env": SERVER_ENV,
+        "server_env": MANY_ACCOUNTS_ENV,
         "results": results,
     }
 
