@@ -522,6 +522,13 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def write_json(path: Path, data: Any) -> Path:
+    """A results file: ``data`` as indented JSON with a final newline (its folder made first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
 def say(message: str) -> None:
     """A line of a benchmark's report, on stdout at once (runs are long; the log is watched)."""
     print(message, flush=True)

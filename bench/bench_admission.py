@@ -48,6 +48,7 @@ from _common import (
     run_wrk,
     save_figure,
     townhall_server,
+    write_json,
     write_lua,
 )
 
@@ -431,9 +432,7 @@ def write_results(
 ) -> None:
     """``bench/results/<name>.json`` (``out``, the git state and the core count) and the plot
     ``draw`` makes of ``figures`` beside it, ``<name>.png``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {**out, "git": git_state(), "cpus": os.cpu_count()}
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS / f"{name}.json", {**out, "git": git_state(), "cpus": os.cpu_count()})
     draw(figures, RESULTS / f"{name}.png")
 
 

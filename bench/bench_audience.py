@@ -111,6 +111,7 @@ from _common import (
     tools_missing,
     townhall_server,
     wait_http_ok,
+    write_json,
 )
 
 from townhall.audience.listener import Follower, Listener, PartAudio, parse_media_playlist
@@ -849,9 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tools_missing("bench_audience", "wrk", "nginx"):
         return 2
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "audience.json", args.out / "audience.png"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path, png_path = write_json(args.out / "audience.json", result), args.out / "audience.png"
     if result["rates"]["rows"] and result["latency"] and result["held"]:
         plot(result, png_path)
     print()

@@ -80,6 +80,7 @@ from _common import (
     save_figure,
     shown,
     tools_missing,
+    write_json,
     write_lua,
 )
 from _common import townhall_server as serve_townhall
@@ -281,9 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tools_missing("bench_control", "wrk", "nginx"):
         return 2
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "control.json", args.out / "control.png"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path, png_path = write_json(args.out / "control.json", result), args.out / "control.png"
     plot(result, png_path)
     print()
     machine, settings = result["machine"], result["settings"]

@@ -48,6 +48,7 @@ from _common import (
     session_cpu_seconds,
     stop,
     townhall_server,
+    write_json,
 )
 
 from townhall.scaleout.edge import EdgeSettings, render
@@ -346,10 +347,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     without = [d.removeprefix("proxy_") for d in args.without]
     name = "-".join(["edge", "without", *without]) if without else "edge"
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out / f"{name}.json", results)
     plot(results, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.json and .png")
 

@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -64,7 +63,7 @@ from redis.exceptions import WatchError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, free_port, wait_ready
+from _common import RESULTS, free_port, wait_ready, write_json
 
 from townhall.admission import waiting_room as wr
 from townhall.admission.queue_store import RedisQueueStore
@@ -309,9 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench_redis: {' and '.join(missing)} not found (apt-get install -y redis)", file=sys.stderr)
         return 2
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "redis.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_json(args.out / "redis.json", result)
     machine = result["machine"]
     print(f"townhall redis: {result['date']}, Redis {machine['redis']}, {machine['cpus']} cores")
     print(table(result))

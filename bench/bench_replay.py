@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import REPO, RESULTS, machine_facts, pyplot, save_figure
+from _common import REPO, RESULTS, machine_facts, pyplot, save_figure, write_json
 from bench_control import townhall_server
 
 sys.path.insert(0, str(REPO))  # the tests' real-packager helper
@@ -368,8 +368,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "replay.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS / "replay.json", result)
     plot(result, RESULTS / "replay.png")
     print(table(result))
     print(f"wrote {RESULTS / 'replay.json'} and {RESULTS / 'replay.png'}")

@@ -118,6 +118,7 @@ from _common import (
     save_figure,
     say,
     tool_version,
+    write_json,
     write_lua,
 )
 from _common import townhall_server as serve_townhall
@@ -1325,8 +1326,7 @@ def plot_pool(result: dict[str, Any], path: Path) -> None:
 
 
 def write_pool(result: dict[str, Any], out: Path, name: str) -> int:
-    json_path, png_path = out / f"{name}-pool.json", out / f"{name}-pool.png"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path, png_path = write_json(out / f"{name}-pool.json", result), out / f"{name}-pool.png"
     plot_pool(result, png_path)
     say(f"\ntownhall stage pool: {result['date']}, {result['run_seconds']} s; {result['stage_scheduling']}")
     if set(result["results"]) - {"ramp", "ramp_by_stage_processes"}:
@@ -1392,13 +1392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     result = asyncio.run(main_async(args))
     result["run_seconds"] = round(time.monotonic() - began, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "stage-niced" if args.stage_niced else "stage"
     if "ramp_by_stage_processes" in result["results"]:
         return write_pool(result, args.out, name)
     whole = set(args.only) == set(PARTS)
-    json_path = args.out / (f"{name}.json" if whole else f"{name}-only.json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path = write_json(args.out / (f"{name}.json" if whole else f"{name}-only.json"), result)
     written = [json_path]
     m = result["machine"]
     say(
