@@ -340,3 +340,62 @@ def test_joins_answered_in_the_protocol_are_counted_like_routed_ones(tmp_path: P
         assert counted(200) - ok == 5 and counted(429) - refused == 2
         assert admission('townhall_admission_joins_total{outcome="admitted"}') - admitted == 5
         assert admission("townhall_admission_refused_total") - refusals == 2
+
+
+def test_a_hot_request_pipelined_behind_a_join_that_suspends_waits_its_turn(tmp_path: Path) -> None:
+    """A join answered in the protocol that waits for I/O after all goes on as a task; a hot
+    listener GET pipelined behind it on the same connection is answered after it, not before
+    (the client would read the GET's answer as its POST's)."""
+    from tests.spaces_support import cast
+    from tests.test_listener_protocol import Joined
+
+    with running_server(config(tmp_path)) as server:
+        live = cast(server)
+        listener = Joined(live)
+        admission = server.node.admission
+        join = admission.join
+        waited: list[bool] = []
+
+        async def slow_join(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.3)  # as a lapsed read between the check and the join would
+            waited.append(True)
+            return await join(*args, **kwargs)
+
+        admission.join = slow_join  # type: ignore[method-assign]
+        body = b"{}"
+        post = (
+            f"POST /api/v1/spaces/{live.space_id}/join HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        before = Both(server, live.space_id).protocol.joins_here
+        with listener.connect() as sock:
+            sock.sendall(post + listener.request("init.mp4"))
+            (joined, joined_body), (init, init_body) = read_answers(sock, 2, ["POST", "GET"])
+        assert waited == [True]
+        assert Both(server, live.space_id).protocol.joins_here - before == 1  # the protocol's way
+        assert joined.status_code == 200 and json.loads(joined_body)["ticket"]
+        assert init.status_code == 200 and dict(init.headers)[b"content-type"] == b"audio/mp4"
+        assert init_body[4:8] == b"ftyp"
+
+
+def test_the_protocols_delay_probe_speaks_for_its_moment_not_for_an_old_stall() -> None:
+    """``LoopDelay``: a probe queued behind a stalled callback measures the stall; a request a
+    quiet while later does not see that old stall as its delay (it would be shed for it)."""
+    from townhall.control.shed import LoopDelay
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        probe = LoopDelay()
+        assert probe.delay(loop, time.perf_counter()) == 0.0  # queues the first probe
+        loop.call_soon(time.sleep, 0.05)  # a stall ahead of... nothing: the probe ran first
+        await asyncio.sleep(0.1)
+        loop.call_soon(time.sleep, 0.06)  # this stall is ahead of the next probe
+        probe.delay(loop, time.perf_counter())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert probe.last >= 0.05  # measured
+        assert probe.delay(loop, time.perf_counter()) >= 0.05  # fresh: it speaks for now
+        await asyncio.sleep(0.25)  # quiet
+        assert probe.delay(loop, time.perf_counter()) == 0.0
+
+    asyncio.run(scenario())

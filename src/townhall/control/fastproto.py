@@ -350,6 +350,8 @@ class ListenerProtocol(HttpToolsProtocol):
         url = self.url
         if not url.startswith(b"/hls/") or self._held is not None or self.pipeline:
             return False
+        if self._joining is not None:  # a join before it is still being answered: in order
+            return False
         cycle = self.cycle
         if (cycle is not None and not cycle.response_complete) or self.flow.write_paused:
             return False
@@ -454,12 +456,13 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def _joined(self, call: JoinCall, keep_alive: bool, start: float, joining: asyncio.Future[Reply]) -> None:
         self._joining = None
-        if joining.cancelled() or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        exc = joining.exception()
+        exc = None if joining.cancelled() else joining.exception()
         if exc is not None:
             logger.error("join failed", exc_info=exc, extra={"space_id": call.space_id})
-        reply = _INTERNAL if exc is not None else joining.result()
+        # A cancelled join (the server shutting down) still gets an answer, not silence.
+        reply = _INTERNAL if exc is not None or joining.cancelled() else joining.result()
         if self._closing_after_join:
             keep_alive = False
         self._send("POST", keep_alive, start, _Written(reply, TEMPLATES[call.what]))

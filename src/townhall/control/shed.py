@@ -53,10 +53,13 @@ class LoopDelay:
     or the wait of the one still queued if that is already longer. One probe at a time: at most
     one extra callback per turn of the loop, however many requests it answers."""
 
-    __slots__ = ("_queued_at", "last")
+    __slots__ = ("_measured_at", "_queued_at", "last")
+
+    FRESH = 0.1  # a probe's wait speaks for this long (the controller's interval) after it ran
 
     def __init__(self) -> None:
         self.last = 0.0
+        self._measured_at = 0.0
         self._queued_at: float | None = None
 
     def delay(self, loop: asyncio.AbstractEventLoop, now: float) -> float:
@@ -64,13 +67,15 @@ class LoopDelay:
         if queued is None:
             self._queued_at = now
             loop.call_soon(self._probe)
-            return self.last
+            # After a quiet spell the last wait is an old stall's, not this moment's.
+            return self.last if now - self._measured_at < self.FRESH else 0.0
         return max(self.last, now - queued)
 
     def _probe(self) -> None:
         queued, self._queued_at = self._queued_at, None
         if queued is not None:
-            self.last = time.perf_counter() - queued
+            self._measured_at = time.perf_counter()
+            self.last = self._measured_at - queued
 
 
 class SheddingMiddleware:
