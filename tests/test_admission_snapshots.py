@@ -58,3 +58,38 @@ def test_one_read_for_many_askers_one_refresh_ahead_and_no_stale_store(tmp_path:
             await node.database.close()
 
     asyncio.run(scenario())
+
+
+def test_an_asker_after_a_local_change_does_not_share_the_read_from_before_it(tmp_path: Path) -> None:
+    """The host ends the space while a snapshot read is on its way: a join asking after the
+    change gets a read of its own (the space ended), not the read begun before it (live)."""
+
+    async def scenario() -> None:
+        node = Node.from_config(make_config("sqlite", tmp_path / "data"))
+        await node.database.migrate()
+        async with node.database.session() as db:
+            host = await accounts.create_account(db, node.hasher, "host", "password123", now=time.time())
+            principal = accounts.Principal(account=host, session_id=0)
+            space = await service.create_space(
+                db, principal, "s", scheduled_for=None, recorded=False, now=time.time()
+            )
+            await service.start_space(db, principal, space.id, now=time.time())
+        snaps = SpaceSnapshots(node.database, ttl=60.0)
+        try:
+            before = asyncio.ensure_future(snaps.get(space.id))
+            await asyncio.sleep(0)
+            assert snaps._pending, "the read is under way"
+            async with node.database.session() as db:
+                await service.end_space(db, principal, space.id, now=time.time())
+            snaps.invalidate(space.id)
+            after = await snaps.get(space.id)
+            assert after is not None and after.state == "ended"
+            assert snaps.reads == 2
+            await before  # its asker keeps the answer of the read it joined
+            cached = await snaps.get(space.id)
+            assert cached is not None and cached.state == "ended"  # the older read was not stored
+        finally:
+            snaps.close()
+            await node.database.close()
+
+    asyncio.run(scenario())

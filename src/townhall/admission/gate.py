@@ -163,8 +163,16 @@ class SpaceSnapshots:
             return SpaceSnapshot(state, frozenset(blocked), now)
 
     def invalidate(self, space_id: str) -> None:
+        """A local change (the space ended, someone was blocked): the next asker reads anew. A
+        read already on its way began before the change, so it is no longer the space's pending
+        read (its askers keep its answer; nobody later gets it, and it is not stored)."""
         self._snaps.pop(space_id, None)
+        self._pending.pop(space_id, None)
         self._generation[space_id] = self._generation.get(space_id, 0) + 1
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class SessionCache:
@@ -461,6 +469,7 @@ class Admission:
             return None
 
     async def close(self) -> None:
+        self.snapshots.close()
         await self.store.close()
 
 
