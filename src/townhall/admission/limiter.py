@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Protocol, cast
 
 from limits import RateLimitItem, parse
@@ -45,13 +45,18 @@ class QuietMemoryStorage(MemoryStorage):
     ``limits`` keeps a key's hits as a list with the newest first (each hit inserts at the
     front: O(hits in the window)), as objects the garbage collector walks, and cleans with a
     pass over every key that hops to a worker thread per key, started after every hit (measured:
-    ~2 thread hops a join). Here a key's hits are a deque of timestamps (oldest left): a hit
-    drops the ones that left its window from the left and appends; the decision is the same
-    (refused when the hits within ``expiry`` seconds plus this one pass ``limit``). Keys are
-    kept per window length in order of their last hit, so the keys whose window has passed
-    are at the front of their group: each hit drops a few of them (``SWEEP`` at most), no pass
-    over every key ever runs. Fixed-window counters (not used by the moving window) keep the
-    base class's cleaning, at most every ``CLEAN_EVERY`` seconds."""
+    ~2 thread hops a join). Here a key's hits are a list of timestamps (oldest first): a hit
+    drops the ones that left its window from the front and appends; the decision is the same
+    (refused when the hits within ``expiry`` seconds plus this one pass ``limit``). A list, not
+    a deque: a key of one hit costs ~320 bytes with its name and entries (a deque ~1,000,
+    ``limits``' own storage ~480; tracemalloc over 50,000 keys), and a storm from a million
+    addresses keeps a million keys for a window; dropping from the front of a few
+    hundred floats at most is one short memmove. Keys are kept per window length in order of
+    their last hit, so the keys whose window has passed are at the front of their group: each
+    hit drops a few of them (``SWEEP`` at most) from its own group and from one other in turn
+    (so a window length nobody hits any more is emptied too); no pass over every key ever
+    runs. Fixed-window counters (not used by the moving window) keep the base class's
+    cleaning, at most every ``CLEAN_EVERY`` seconds."""
 
     CLEAN_EVERY = 5.0
     SWEEP = 8
@@ -59,8 +64,9 @@ class QuietMemoryStorage(MemoryStorage):
 
     def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
-        self.events: dict[str, deque[float]] = {}  # type: ignore[assignment]
-        self._groups: dict[int, OrderedDict[str, deque[float]]] = {}
+        self.events: dict[str, list[float]] = {}  # type: ignore[assignment]
+        self._groups: dict[int, OrderedDict[str, list[float]]] = {}
+        self._turn = 0  # which other group a hit sweeps too
 
     async def _MemoryStorage__schedule_expiry(self) -> None:  # the base class's private hook
         now = time.monotonic()
@@ -75,7 +81,7 @@ class QuietMemoryStorage(MemoryStorage):
             self.storage.pop(key, None)
             self.expirations.pop(key, None)
 
-    def _sweep(self, group: OrderedDict[str, deque[float]], edge: float) -> None:
+    def _sweep(self, group: OrderedDict[str, list[float]], edge: float) -> None:
         for _ in range(self.SWEEP):
             if not group:
                 return
@@ -94,13 +100,17 @@ class QuietMemoryStorage(MemoryStorage):
         if group is None:
             group = self._groups[expiry] = OrderedDict()
         self._sweep(group, edge)  # before this key is looked up: it may be one of them
+        if len(self._groups) > 1:
+            self._turn = (self._turn + 1) % len(self._groups)
+            other_expiry, other = list(self._groups.items())[self._turn]
+            if other is not group:
+                self._sweep(other, now - other_expiry)
         hits = self.events.get(key)
         if hits is None:
-            hits = self.events[key] = group[key] = deque()
+            hits = self.events[key] = group[key] = []
         else:
             group.move_to_end(key)
-            while hits and hits[0] < edge:
-                hits.popleft()
+            _drop_before(hits, edge)
         if len(hits) + amount > limit:
             return False
         hits.extend([now] * amount)
@@ -110,8 +120,8 @@ class QuietMemoryStorage(MemoryStorage):
         now = time.time()
         hits = self.events.get(key)
         edge = now - expiry
-        while hits and hits[0] < edge:
-            hits.popleft()
+        if hits:
+            _drop_before(hits, edge)
         return (hits[0], len(hits)) if hits else (now, 0)
 
     async def clear(self, key: str) -> None:
@@ -122,6 +132,17 @@ class QuietMemoryStorage(MemoryStorage):
     async def reset(self) -> int | None:
         self._groups.clear()
         return await super().reset()
+
+
+def _drop_before(hits: list[float], edge: float) -> None:
+    """Drop the timestamps before ``edge`` from the front of ``hits`` (oldest first)."""
+    gone = 0
+    for at in hits:
+        if at >= edge:
+            break
+        gone += 1
+    if gone:
+        del hits[:gone]
 
 
 class LimitsLimiter:
