@@ -17,8 +17,17 @@ import pytest
 
 from tests.spaces_support import generous_config
 from tests.support import Api, RunningServer, running_server
+from townhall.stage import pool
 from townhall.stage.client import Session, publish, record_timed, subscribe
-from townhall.stage.pool import SPACE_COST, Load, Placement, least_loaded, realtime_demotions, schedule
+from townhall.stage.pool import (
+    SPACE_COST,
+    Load,
+    Placement,
+    least_loaded,
+    realtime_demotions,
+    schedule,
+    scheduling,
+)
 from townhall.stage.sources import ToneTrack, tone_power
 
 RATE = 48000
@@ -277,20 +286,72 @@ def test_real_time_processes_are_kept_under_the_budget_busiest_first() -> None:
 
 
 def test_the_guard_moves_a_stage_process_out_of_real_time_and_back(server: RunningServer) -> None:
-    """``schedule`` on a live stage process: every thread (loop, encoder, packager, aiortc's)."""
+    """``schedule`` on a live stage process: every thread (loop, encoder, packager, aiortc's) out
+    of SCHED_RR; back in, each at its own priority again: the loop at 10 and the worker threads
+    ``below_the_loop`` put at 9 stay there, so the loop's timer still preempts them."""
     live_space(server, "alpha", [440.0])
     pid = server.node.stage.pid
     assert pid is not None
-
-    def policies() -> set[int]:
-        return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    rr, loop, worker = os.SCHED_RR, (os.SCHED_RR, 10), (os.SCHED_RR, 9)
 
     # As shipped (the tests run where SCHED_RR is allowed): the process asked for it before its
-    # own threads started (the BLAS threads numpy started at import stay ordinary; they idle).
-    assert os.sched_getscheduler(pid) == os.SCHED_RR
+    # own threads started (the BLAS threads numpy started at import stay ordinary; they idle);
+    # the encoder of alpha's room and the packager thread went one below the loop.
+    before = scheduling(pid)
+    assert before[pid] == loop
+    workers = {tid for tid, s in before.items() if s == worker}
+    assert len(workers) >= 2  # alpha's Opus encoder and the packager
+
     assert schedule(pid, realtime=False)
-    assert policies() == {os.SCHED_OTHER}
-    assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {-5}
+    after = scheduling(pid)
+    assert {s for s in after.values()} == {(os.SCHED_OTHER, -5)}
+    assert schedule(pid, realtime=True, before=before)
+    after = scheduling(pid)
+    assert {tid: after[tid] for tid in before if tid in after} == {
+        tid: s for tid, s in before.items() if tid in after
+    }
+    assert after[pid] == loop and all(after[tid] == worker for tid in workers if tid in after)
+
+    # Without a record (or for a thread started while demoted): the main thread is the loop,
+    # any other thread is a worker below it.
+    assert schedule(pid, realtime=False)
     assert schedule(pid, realtime=True)
-    assert policies() == {os.SCHED_RR}
+    after = scheduling(pid)
+    assert after[pid] == loop
+    assert {s for tid, s in after.items() if tid != pid} == {worker}
+    assert {s[0] for s in after.values()} == {rr}
     assert not schedule(2**22 + 1, realtime=True)  # no such process
+    assert scheduling(2**22 + 1) == {}
+
+
+def test_the_guard_puts_each_thread_back_at_its_own_priority(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard itself (its decision forced, its actions real): out of SCHED_RR and back, the
+    stage's loop is at 10 again and its encoder and packager threads at 9, as before."""
+    space = live_space(server, "alpha", [440.0])
+    stage = server.node.stage
+    index = stage.process_of(space.id)
+    assert index is not None
+    pid = stage.processes[index].pid
+    before = scheduling(pid)
+    assert before[pid] == (os.SCHED_RR, 10)
+    assert sum(1 for s in before.values() if s == (os.SCHED_RR, 9)) >= 2
+    decision: set[int] = {index}
+    monkeypatch.setattr(pool, "realtime_demotions", lambda cores, demoted, budget: set(decision))
+
+    def wait_for(done: bool) -> None:
+        deadline = time.monotonic() + 10
+        while (index in stage.demoted) != done and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (index in stage.demoted) == done
+
+    wait_for(True)
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+    decision.clear()
+    wait_for(False)
+    after = scheduling(pid)
+    assert after[pid] == (os.SCHED_RR, 10)
+    assert {tid: s for tid, s in after.items() if tid in before} == {
+        tid: s for tid, s in before.items() if tid in after
+    }

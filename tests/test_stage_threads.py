@@ -42,3 +42,13 @@ def test_a_worker_thread_yields_to_the_real_time_loop() -> None:
 
 def test_outside_a_real_time_class_nothing_changes() -> None:
     assert child(False) == f"({os.SCHED_OTHER}, 0) ({os.SCHED_OTHER}, 0)"
+
+
+def test_one_source_for_the_priorities() -> None:
+    """The stage process, its worker threads and the node's guard take them from one place."""
+    from townhall.stage import pool, threads, worker
+
+    assert threads.worker_priority(threads.REALTIME_PRIORITY) == threads.REALTIME_PRIORITY - 1 == 9
+    assert threads.worker_priority(1) == 1  # never out of the real-time range
+    assert worker.REALTIME_PRIORITY is pool.REALTIME_PRIORITY is threads.REALTIME_PRIORITY
+    assert worker.NICE is pool.NICE is threads.NICE

@@ -29,6 +29,9 @@ pool's guard (``realtime_demotions``) keeps the real-time processes together und
 less ``RT_RESERVE``: past that the busiest is moved to ``nice`` until it fits again. Under the
 no-late-tick load the stage uses far less than that (BENCHMARKS.md, "Stage processes per
 core"), so the guard only acts when a node holds more spaces than it can mix on time anyway.
+Moving a process back into ``SCHED_RR`` restores each thread's own priority, not one for all:
+the event loop at ``REALTIME_PRIORITY`` and its worker threads (Opus encoder, packager) one
+below it (``stage/threads.py``), so that the loop's 20 ms timer still preempts them.
 
 ``Placement`` is the pure core (no asyncio, no processes), unit-tested alone; ``StagePool``
 is the node-facing object with ``StageProcess``'s shape, so routes and the node do not care
@@ -43,20 +46,18 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from townhall.audience.origin import Origin
 from townhall.stage.process import Session, StageProcess, StageSettings, process_cpu_seconds
+from townhall.stage.threads import NICE, REALTIME_PRIORITY, worker_priority
 
 logger = logging.getLogger(__name__)
 
 SPACE_COST = 2  # a room with nobody on stage costs about what two speakers add (see above)
 RT_RESERVE = 0.5  # cores the real-time stage processes leave to the HTTP side (realtime_demotions)
 GUARD_EVERY = 1.0  # seconds between two looks at the stage processes' CPU
-# As the stage process sets itself (stage/worker.py; not imported: it pulls in aiortc).
-REALTIME_PRIORITY = 10
-NICE = -5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,8 @@ class StagePool:
         # process updates its own in place).
         self.sessions: collections.ChainMap[str, Session] = collections.ChainMap()
         self.demoted: set[int] = set()  # processes the guard moved out of SCHED_RR (by index)
+        # Each demoted process's pid and its threads' scheduling before (restored on the way back).
+        self._before: dict[int, tuple[int | None, dict[int, Scheduling]]] = {}
         self.budget = max(RT_RESERVE, default_stage_processes() - RT_RESERVE)
         self._guard_task: asyncio.Task[None] | None = None
 
@@ -182,36 +185,47 @@ class StagePool:
         return self.processes[index]
 
     async def _guard(self) -> None:
-        """Once a second: each stage process's CPU from ``/proc``, then ``realtime_demotions``
-        applied. A restarted process starts in ``SCHED_RR`` again (it asks for it itself)."""
+        """Once a second, ``_look``."""
         last: dict[int, tuple[int | None, float, float]] = {}  # index: pid, CPU s, monotonic s
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(GUARD_EVERY)
-            cores: list[float] = []
-            for p in self.processes:
-                seconds, now, before = process_cpu_seconds(p.pid), loop.time(), last.get(p.index)
-                if before is not None and before[0] != p.pid:
-                    self.demoted.discard(p.index)  # a new process, in SCHED_RR
-                    before = None
-                if seconds is None or before is None:
-                    cores.append(0.0)
-                else:
-                    cores.append((seconds - before[1]) / max(1e-3, now - before[2]))
-                if seconds is not None:
-                    last[p.index] = (p.pid, seconds, now)
-            wanted = realtime_demotions(cores, self.demoted, self.budget)
-            for index in sorted(wanted ^ self.demoted):
-                realtime = index not in wanted
-                logger.warning(
-                    "stage process %s real-time scheduling (stage processes' CPU %s, budget %.2f)",
-                    "back in" if realtime else "moved out of",
-                    [round(c, 2) for c in cores],
-                    self.budget,
-                    extra={"stage_process": index},
-                )
-                schedule(self.processes[index].pid, realtime=realtime)
-            self.demoted = wanted
+            self._look(last)
+
+    def _look(self, last: dict[int, tuple[int | None, float, float]]) -> None:
+        """Each stage process's CPU from ``/proc`` since the last look, then ``realtime_demotions``
+        applied. A restarted process starts in ``SCHED_RR`` again (it asks for it itself)."""
+        now = asyncio.get_running_loop().time()
+        cores: list[float] = []
+        for p in self.processes:
+            seconds, before = process_cpu_seconds(p.pid), last.get(p.index)
+            if before is not None and before[0] != p.pid:
+                self.demoted.discard(p.index)  # a new process, in SCHED_RR
+                self._before.pop(p.index, None)
+                before = None
+            if seconds is None or before is None:
+                cores.append(0.0)
+            else:
+                cores.append((seconds - before[1]) / max(1e-3, now - before[2]))
+            if seconds is not None:
+                last[p.index] = (p.pid, seconds, now)
+        wanted = realtime_demotions(cores, self.demoted, self.budget)
+        for index in sorted(wanted ^ self.demoted):
+            realtime = index not in wanted
+            pid = self.processes[index].pid
+            logger.warning(
+                "stage process %s real-time scheduling (stage processes' CPU %s, budget %.2f)",
+                "back in" if realtime else "moved out of",
+                [round(c, 2) for c in cores],
+                self.budget,
+                extra={"stage_process": index},
+            )
+            if realtime:
+                recorded_pid, recorded = self._before.pop(index, (None, {}))
+                schedule(pid, realtime=True, before=recorded if recorded_pid == pid else None)
+            else:
+                self._before[index] = (pid, scheduling(pid))
+                schedule(pid, realtime=False)
+        self.demoted = wanted
 
     def loads(self) -> list[Load]:
         """Per process (by index): spaces placed on it and live speakers."""
@@ -328,20 +342,58 @@ class StagePool:
         await asyncio.gather(*(p.revoke(grant_id) for p in self.processes))
 
 
-def schedule(pid: int | None, *, realtime: bool) -> bool:
-    """Every thread of process ``pid`` into ``SCHED_RR`` (``realtime``) or back to an ordinary
-    thread at ``nice`` -5, as the stage process would have set itself. False if it is gone."""
-    if pid is None:
-        return False
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
+Scheduling = tuple[int, int]  # a thread's policy, and its SCHED_RR priority or its nice value
+
+
+def scheduling(pid: int | None) -> dict[int, Scheduling]:
+    """Each thread of process ``pid`` (by thread id): its policy, and its real-time priority in
+    ``SCHED_RR``/``SCHED_FIFO`` or its nice value otherwise. Empty if the process is gone."""
+    threads: dict[int, Scheduling] = {}
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):
+            policy = os.sched_getscheduler(tid)
+            if policy in (os.SCHED_RR, os.SCHED_FIFO):
+                threads[tid] = (policy, os.sched_getparam(tid).sched_priority)
+            else:
+                threads[tid] = (policy, os.getpriority(os.PRIO_PROCESS, tid))
+    return threads
+
+
+def schedule(pid: int | None, *, realtime: bool, before: Mapping[int, Scheduling] | None = None) -> bool:
+    """Move process ``pid`` out of ``SCHED_RR`` (every thread ordinary at ``NICE``, as the stage
+    process sets itself when it may not be real-time) or back into it (``realtime``).
+
+    Back in, each thread gets its own scheduling again: what ``before`` (``scheduling`` taken
+    before the demotion) recorded for it; a thread it does not know (started since, or no
+    record) is derived: the main thread runs the event loop (``REALTIME_PRIORITY``), any other
+    is a worker one priority below it (``worker_priority``), as ``below_the_loop`` would have
+    set it had it started in ``SCHED_RR``. False if the process is gone."""
+    tids = _threads(pid)
+    if not tids:
         return False
     for tid in tids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if realtime:
-                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
-            else:
+            if not realtime:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, NICE)
+                continue
+            policy, value = (before or {}).get(tid) or (
+                os.SCHED_RR,
+                REALTIME_PRIORITY if tid == pid else worker_priority(REALTIME_PRIORITY),
+            )
+            if policy in (os.SCHED_RR, os.SCHED_FIFO):
+                os.sched_setscheduler(tid, policy, os.sched_param(value))
+            else:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, tid, value)
     return True
+
+
+def _threads(pid: int | None) -> list[int]:
+    """The thread ids of process ``pid`` (empty if it is gone)."""
+    if pid is None:
+        return []
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []

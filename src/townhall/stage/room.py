@@ -37,7 +37,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from townhall.stage.jitter import Frame
 from townhall.stage.lateness import LatenessWindow
 from townhall.stage.mixer import FRAME_SAMPLES, RATE, TICK, Mixer, MixOutput
-from townhall.stage.rtpfast import InboundBypass, OutboundBypass
+from townhall.stage.rtpfast import ErrorLog, InboundBypass, OutboundBypass
 from townhall.stage.threads import below_the_loop
 
 logger = logging.getLogger(__name__)
@@ -359,6 +359,7 @@ class Room:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Speakers' inline decoders by peer: their sockets are read at each tick (``poll``).
         self._inbound: dict[str, InlineDecoding] = {}
+        self.poll_errors = ErrorLog("a speaker's socket could not be read at the tick")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -463,8 +464,11 @@ class Room:
         """One 20 ms tick (called by the clock): mix, hand the program to its sinks, and return
         the frames the outbound tracks are to carry, for the clock's encoder thread."""
         self.lateness.add(late)
-        for decoding in list(self._inbound.values()):
-            decoding.poll()  # what each speaker sent since the last tick, into the mixer
+        for peer_id, decoding in list(self._inbound.items()):
+            try:
+                decoding.poll()  # what each speaker sent since the last tick, into the mixer
+            except Exception:  # one speaker's socket must never skip the room's mix
+                self.poll_errors.report(space=self.space_id, peer=peer_id)
         out = self.mixer.tick(deadline)
         peaks = self._peaks
         wall = time.time()

@@ -23,7 +23,10 @@ Both depend on aiortc's and aioice's private layout (aiortc 1.9-1.16, aioice 0.9
 stage then uses aiortc's path as before. What is given up: the receiver's statistics (its RTCP
 receiver reports and ``getStats`` stop counting inbound packets once bypassed), the RTP history
 for NACK retransmission of returns (aiortc negotiates no NACK for audio), and reordering (a
-packet older than the last one taken is dropped as late: the mixer's jitter buffer conceals it).
+packet older than the last one taken is dropped as late: the mixer's jitter buffer conceals it;
+a new SSRC or a sequence more than ``MAX_MISORDER`` behind is a restarted sender, followed).
+Nothing a datagram holds raises out of ``InboundBypass.poll``, so junk sent to a speaker's port
+cannot skip a room's tick.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ NTP_EPOCH = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
 POLL_LIMIT = 64  # datagrams read from one speaker's socket per tick at most (50 packets/s normal)
 RECV_SIZE = 65536  # what asyncio's datagram transport reads at most
 HEADER = struct.Struct("!BBHII")  # RTP: V/P/X/CC, M/PT, sequence number, timestamp, SSRC
+MAX_MISORDER = 1000  # a sequence this far behind the last taken is a restarted sender, not late
+LOG_INTERVAL = 60.0  # seconds between two log lines about the same recurring failure
 
 
 def _ntp_now() -> int:
@@ -51,6 +56,43 @@ def _ntp_now() -> int:
     t = time.time() + NTP_EPOCH
     seconds = int(t)
     return (seconds << 32) | int((t - seconds) * (1 << 32))
+
+
+def in_order(last: int | None, seq: int) -> bool:
+    """Whether an RTP packet numbered ``seq`` is to be taken after one numbered ``last``.
+
+    Ahead (modulo 2^16, up to half the space) is taken; a duplicate or a packet a little behind
+    is late (the mixer's jitter buffer conceals it); a packet more than ``MAX_MISORDER`` behind
+    is a sender that restarted its sequence, which is followed from there (as aiortc's jitter
+    buffer resets on a large jump) instead of muted until it overtakes the old one."""
+    if last is None:
+        return True
+    ahead = (seq - last) & 0xFFFF
+    return 0 < ahead < 0x8000 or (ahead >= 0x8000 and 0x10000 - ahead > MAX_MISORDER)
+
+
+class ErrorLog:
+    """A failure that may recur on every packet or tick, logged with its traceback at most once
+    per ``interval`` seconds (with how many happened since), never once per packet."""
+
+    def __init__(self, message: str, interval: float = LOG_INTERVAL) -> None:
+        self._message = message
+        self._interval = interval
+        self._last = -interval
+        self.count = 0
+        self._unlogged = 0
+
+    def report(self, **extra: Any) -> None:
+        """Call from an ``except`` block."""
+        self.count += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            logger.warning(
+                "%s (%d since the last report)", self._message, self._unlogged, exc_info=True, extra=extra
+            )
+            self._unlogged = 0
 
 
 def _connection(dtls: Any) -> Any:
@@ -76,8 +118,10 @@ class InboundBypass:
         self._on_payload = on_payload
         self._original = conn.data_received
         self._last_seq: int | None = None
+        self._last_ssrc = b""
         self.packets = 0
         self.late = 0
+        self.errors = ErrorLog("a speaker's datagram could not be handled")
         conn.data_received = self._data_received  # an instance attribute: shadows the method
         # The socket is read on the mixer's tick, not whenever a datagram lands (see ``poll``).
         self._polled: tuple[Any, Any, Any] | None = None
@@ -140,12 +184,21 @@ class InboundBypass:
             except OSError:
                 self._polled = None
                 return
-            if data and 127 < data[0] < 192:  # RTP or RTCP: not STUN, which aioice would try first
-                self._data_received(data, 1)
-            else:
-                protocol.datagram_received(data, addr)
+            if not data:
+                continue
+            # Whatever arrives (junk from anyone who reaches the port included) must not raise
+            # out of the room's tick: that would skip its mix.
+            try:
+                if 127 < data[0] < 192:  # RTP or RTCP: not STUN, which aioice would try first
+                    self._data_received(data, 1)
+                else:
+                    protocol.datagram_received(data, addr)
+            except Exception:
+                self.errors.report()
 
     def _data_received(self, data: bytes, component: int) -> None:
+        if not data:
+            return  # aioice hands over an empty datagram when it fails to parse it as STUN
         first = data[0]
         # RTP, not RTCP (RFC 5761 §4: payload types 64-95 with the marker bit are RTCP).
         if 127 < first < 192 and len(data) >= 12 and not 191 < data[1] < 224:
@@ -153,11 +206,14 @@ class InboundBypass:
                 plain = self._srtp.unprotect(data)
             except pylibsrtp.Error:
                 return  # a replay or a forgery: aiortc drops it too
-            if plain[1] & 0x7F != self._pt:
+            if len(plain) < 12 or plain[1] & 0x7F != self._pt:
                 return  # a WHIP session sends one audio stream; anything else is not mixed
+            ssrc = plain[8:12]
+            if ssrc != self._last_ssrc:  # a new stream (a restarted sender): a new sequence
+                self._last_ssrc = ssrc
+                self._last_seq = None
             seq = (plain[2] << 8) | plain[3]
-            last = self._last_seq
-            if last is not None and not 0 < (seq - last) & 0xFFFF < 0x8000:
+            if not in_order(self._last_seq, seq):
                 self.late += 1  # a duplicate or a packet older than one already taken
                 return
             self._last_seq = seq
@@ -230,21 +286,29 @@ class OutboundBypass:
             return None
         return cls(sender, dtls, conn, codec.payloadType)
 
+    def packet(self, payload: bytes, ntp: int) -> bytes:
+        """The next RTP packet (unprotected) carrying ``payload``, sent at ``ntp``."""
+        template = self._template
+        if template is not None:
+            first, second, extensions = template
+            return HEADER.pack(first, second, self._seq, self._timestamp, self._ssrc) + extensions + payload
+        packet = RtpPacket(
+            payload_type=self._pt, marker=1, sequence_number=self._seq, timestamp=self._timestamp
+        )
+        packet.ssrc = self._ssrc
+        packet.payload = payload
+        packet.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
+        packet.extensions.mid = self._mid
+        return packet.serialize(self._extensions)
+
     def send(self, payload: bytes, samples: int) -> bool:
         """One encoded frame of ``samples`` samples as one RTP packet; False if it could not be
         sent (the session is going away)."""
         pair = self._conn._nominated.get(1)
         if pair is None or self._dtls.state != "connected":
             return False
-        packet = RtpPacket(
-            payload_type=self._pt, marker=1, sequence_number=self._seq, timestamp=self._timestamp
-        )
-        packet.ssrc = self._ssrc
-        packet.payload = payload
         ntp = _ntp_now()
-        packet.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-        packet.extensions.mid = self._mid
-        data = self._srtp.protect(packet.serialize(self._extensions))
+        data = self._srtp.protect(self.packet(payload, ntp))
         pair.protocol.transport.sendto(data, pair.remote_addr)
         sender = self._sender
         sender._RTCRtpSender__ntp_timestamp = ntp

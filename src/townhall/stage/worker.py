@@ -33,14 +33,13 @@ from typing import Any
 from townhall.stage.channel import Channel, Message, StageError
 from townhall.stage.hub import StageHub
 from townhall.stage.ice import restrict_host_addresses
+from townhall.stage.threads import NICE, REALTIME_PRIORITY
 from townhall.storage.media_store import LocalMediaStore
 
 logger = logging.getLogger("townhall.stage.worker")
 
 LEVELS_EVERY = 0.25
 STATS_EVERY = 1.0
-NICE = -5  # ahead of the node's HTTP process when the operating system lets us
-REALTIME_PRIORITY = 10  # SCHED_RR, low among real-time priorities (kernel threads sit above)
 
 
 class Worker:
