@@ -324,6 +324,34 @@ def test_the_guard_moves_a_stage_process_out_of_real_time_and_back(server: Runni
     assert scheduling(2**22 + 1) == {}
 
 
+def test_a_failing_look_is_logged_and_the_guard_keeps_guarding(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard runs in the node's loop: a look that raises must not end it quietly (a demoted
+    process would stay out of SCHED_RR for good): it is logged and the next look runs."""
+    live_space(server, "alpha", [440.0])
+    stage = server.node.stage
+    guard = stage._guard_task
+    assert guard is not None and not guard.done()
+    real, looks = pool.realtime_demotions, []
+
+    def failing_once(cores: list[float], demoted: set[int], budget: float) -> set[int]:
+        looks.append(cores)
+        if len(looks) == 1:
+            raise RuntimeError("a look that fails")
+        return real(cores, demoted, budget)
+
+    monkeypatch.setattr(pool, "realtime_demotions", failing_once)
+    deadline = time.monotonic() + 10
+    while len(looks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(looks) >= 3 and not guard.done()
+    assert any(
+        r.levelname == "ERROR" and r.exc_info and "a look that fails" in str(r.exc_info[1])
+        for r in caplog.records
+    )
+
+
 def test_the_guard_puts_each_thread_back_at_its_own_priority(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

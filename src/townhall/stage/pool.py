@@ -185,11 +185,15 @@ class StagePool:
         return self.processes[index]
 
     async def _guard(self) -> None:
-        """Once a second, ``_look``."""
+        """Once a second, ``_look``. A look that fails is logged and the next one runs: the
+        guard must not end quietly, leaving a demoted process out of SCHED_RR for good."""
         last: dict[int, tuple[int | None, float, float]] = {}  # index: pid, CPU s, monotonic s
         while True:
             await asyncio.sleep(GUARD_EVERY)
-            self._look(last)
+            try:
+                self._look(last)
+            except Exception:
+                logger.exception("stage real-time guard: this look failed, the next one follows")
 
     def _look(self, last: dict[int, tuple[int | None, float, float]]) -> None:
         """Each stage process's CPU from ``/proc`` since the last look, then ``realtime_demotions``
