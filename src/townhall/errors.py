@@ -6,6 +6,20 @@ Domain code raises these; ``control.app`` maps every one of them (and every fram
 
 from __future__ import annotations
 
+import json
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The one error document, ``{"error": {"code", "message"}}``, rendered as the app's
+    ``JSONResponse`` renders it (compact, UTF-8): the routes, and the answers the HTTP protocol
+    writes itself (listener requests, joins), send the same bytes."""
+    return json.dumps(
+        {"error": {"code": code, "message": message}},
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+
 
 class ApiError(Exception):
     """Base of every error a client may see."""

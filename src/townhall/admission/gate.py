@@ -66,6 +66,15 @@ def network_of(address: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None if it is not one (a
+    join refuses that with 401; the protocol's join path leaves it to the ASGI way)."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        return None
+    return token.strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class SpaceSnapshot:
     state: str
@@ -279,8 +288,8 @@ class Admission:
             return False
         if authorization is None:
             return True
-        scheme, _, token = authorization.partition(" ")
-        return scheme.lower() == "bearer" and 0 < len(token) <= 256 and self.sessions.known(token.strip())
+        token = bearer_token(authorization)
+        return token is not None and self.sessions.known(token)
 
     # -- refusals --------------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,7 +30,7 @@ from townhall.control.node import Node
 from townhall.control.routes import accounts, admin, admission, hls, media, posts, replay, spaces
 from townhall.control.schemas import ErrorOut, Health
 from townhall.control.shed import SheddingMiddleware
-from townhall.errors import ApiError
+from townhall.errors import ApiError, error_body
 from townhall.scaleout.relay import PlacementRelay
 from townhall.stage.process import StageCollector
 from townhall.web import pages
@@ -42,9 +42,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> Response:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+    return Response(error_body(code, message), status, headers=headers, media_type="application/json")
 
 
 def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
@@ -124,11 +124,11 @@ def create_app(node: Node, *, warm_stage: bool = False) -> FastAPI:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(_request: Request, exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "malformed_json", "the request body is not valid JSON")
@@ -140,7 +140,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "validation_error", message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 404:
@@ -151,7 +151,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(_request: Request, exc: Exception) -> Response:
         if isinstance(exc, RedisError):
             # Shared limits and the waiting room live in Redis: without it, a request that
             # needs them (a new join) is refused for a moment rather than admitted unchecked.

@@ -13,8 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from townhall.admission.gate import Admission
 from townhall.admission.shedding import Priority, classify
+from townhall.errors import error_body
 
-SHED_BODY = b'{"error":{"code":"overloaded","message":"the node is overloaded; retry later"}}'
+SHED_BODY = error_body("overloaded", "the node is overloaded; retry later")
 
 
 def shed_headers() -> list[tuple[bytes, bytes]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
 from typing import Annotated, Any
 
@@ -17,13 +16,12 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from townhall.admission.gate import Admission, Admitted
-from townhall.admission.tickets import Ticket
+from townhall.admission.gate import Admission, Admitted, bearer_token
 from townhall.control.deps import Admin, NodeDep, client_address, iso, public_base
 from townhall.control.node import Node
-from townhall.control.routes.hls import TICKET_COOKIE
+from townhall.control.routes.hls import TICKET_COOKIE, ticket_cookie
 from townhall.control.schemas import ErrorOut, JoinOut
-from townhall.errors import ApiError, BadRequest, Forbidden, Unauthorized, UnprocessableEntity
+from townhall.errors import ApiError, BadRequest, Forbidden, Unauthorized, UnprocessableEntity, error_body
 
 router = APIRouter(prefix="/api/v1", tags=["admission"])
 
@@ -134,25 +132,10 @@ def _reply(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Reply:
 
 def error_reply(exc: ApiError) -> Reply:
     """An ``ApiError`` as the app's error handler renders it (``control.app.error_response``)."""
-    body = json.dumps(
-        {"error": {"code": exc.code, "message": exc.message}},
-        ensure_ascii=False,
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode()
+    body = error_body(exc.code, exc.message)
     if exc.retry_after is None:
         return _reply(exc.status, body)
     return _reply(exc.status, body, (b"retry-after", str(exc.retry_after).encode()))
-
-
-def _cookie(node: Node, token: str, ticket: Ticket) -> tuple[bytes, bytes]:
-    """The ``townhall_ticket`` cookie, byte for byte what ``routes.hls.set_ticket_cookie``
-    (Starlette's ``set_cookie``) writes; the token is base64url and dots: nothing to quote."""
-    max_age = max(1, int(ticket.expires_at - node.clock()))
-    secure = "; Secure" if node.config.effective_public_url.startswith("https:") else ""
-    path = f"/hls/{ticket.space_id}/"
-    value = f"{TICKET_COOKIE}={token}; HttpOnly; Max-Age={max_age}; Path={path}; SameSite=lax{secure}"
-    return (b"set-cookie", value.encode("latin-1"))
 
 
 def _admitted(call: JoinCall, node: Node, done: Admitted) -> Reply:
@@ -164,16 +147,16 @@ def _admitted(call: JoinCall, node: Node, done: Admitted) -> Reply:
         listener=done.ticket.listener,
     )
     node.hub.listener_seen(space_id, done.ticket.listener)
-    return _reply(200, out.model_dump_json().encode(), _cookie(node, done.token, done.ticket), _PRIVATE)
+    return _reply(200, out.model_dump_json().encode(), ticket_cookie(node, done.token, done.ticket), _PRIVATE)
 
 
 async def _account(gate: Admission, header: str | None) -> int | None:
     if not header:
         return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token or len(token) > 256:
+    token = bearer_token(header)
+    if token is None:
         raise Unauthorized("Authorization must be 'Bearer <token>'", code="invalid_token")
-    return await gate.sessions.account_id(token.strip())
+    return await gate.sessions.account_id(token)
 
 
 async def _join(node: Node, call: JoinCall, body: JoinBody) -> Reply:

@@ -20,7 +20,6 @@ the path and ``_HLS_msn``/``_HLS_part`` only and checks the ticket itself (docs/
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import weakref
 from collections.abc import Callable, Iterable
@@ -34,7 +33,15 @@ from townhall.audience.origin import SpaceStream
 from townhall.audience.playlist import BlockingRequestError, check_blocking_request, has_part
 from townhall.control.deps import NodeDep
 from townhall.control.node import Node
-from townhall.errors import ApiError, BadRequest, Forbidden, NotFound, NotYetAvailable, RangeNotSatisfiable
+from townhall.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    NotYetAvailable,
+    RangeNotSatisfiable,
+    error_body,
+)
 
 router = APIRouter(tags=["listeners"])
 
@@ -61,19 +68,22 @@ def _check_ticket(node: Node, request: Request, space_id: str) -> tuple[str, Tic
         raise Forbidden(str(exc), code=exc.code) from exc
 
 
+def ticket_cookie(node: Node, token: str, ticket: Ticket) -> tuple[bytes, bytes]:
+    """The ``townhall_ticket`` cookie of ``/hls/{space_id}/`` (a path of its own per space, so a
+    listener of several spaces keeps one ticket for each), living as long as the ticket, as one
+    ``set-cookie`` header (what Starlette's ``set_cookie`` writes; the token is base64url and
+    dots: nothing to quote). The join answers carry it too, whichever way they are answered."""
+    max_age = max(1, int(ticket.expires_at - node.clock()))
+    secure = "; Secure" if node.config.effective_public_url.startswith("https:") else ""
+    path = f"/hls/{ticket.space_id}/"
+    value = f"{TICKET_COOKIE}={token}; HttpOnly; Max-Age={max_age}; Path={path}; SameSite=lax{secure}"
+    return (b"set-cookie", value.encode("latin-1"))
+
+
 def set_ticket_cookie(response: Response, node: Node, token: str, ticket: Ticket) -> None:
-    """Hand the ticket over as the ``townhall_ticket`` cookie of ``/hls/{space_id}/`` (a path of
-    its own per space, so a listener of several spaces keeps one ticket for each), living as
-    long as the ticket. The response becomes ``private``: a shared cache must not store it."""
-    response.set_cookie(
-        TICKET_COOKIE,
-        token,
-        max_age=max(1, int(ticket.expires_at - node.clock())),
-        path=f"/hls/{ticket.space_id}/",
-        secure=node.config.effective_public_url.startswith("https:"),
-        httponly=True,
-        samesite="lax",
-    )
+    """Hand the ticket over as its cookie (``ticket_cookie``). The response becomes
+    ``private``: a shared cache must not store it."""
+    response.raw_headers.append(ticket_cookie(node, token, ticket))
     cache = response.headers.get("cache-control", "no-cache")
     response.headers["Cache-Control"] = "private, " + cache.removeprefix("public, ")
 
@@ -243,7 +253,7 @@ def _answer(status: int, route: str, headers: list[tuple[bytes, bytes]], body: b
 
 def error_answer(exc: ApiError, route: str) -> Answer:
     """The one error model (``control/app.py``), for an error met on the fast path."""
-    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+    body = error_body(exc.code, exc.message)
     headers = [(b"content-type", b"application/json")]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
