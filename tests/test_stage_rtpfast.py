@@ -89,6 +89,14 @@ def test_a_speaker_and_a_return_bypass_aiortcs_packet_path_and_stay_audio() -> N
                 "packed": track.bypass is not None and track.bypass._template is not None,
                 "sender_counted": getattr(whep.pc.getTransceivers()[0].sender, "_RTCRtpSender__packet_count"),
             }
+            # Dropping the speaker gives its socket back to aiortc's path at once.
+            bypass = decoding.bypass
+            assert bypass is not None and bypass._polled is not None
+            conn = bypass._conn
+            await room.drop(whip.id)
+            facts["released"] = (
+                decoding.bypass is None and bypass._polled is None and "data_received" not in vars(conn)
+            )
             return recording, facts
         finally:
             for pc in (speaker, listener):
@@ -101,6 +109,7 @@ def test_a_speaker_and_a_return_bypass_aiortcs_packet_path_and_stay_audio() -> N
     assert facts["outbound"], facts  # the return was sent by the room, not aiortc's sender task
     assert facts["sender_counted"] == facts["outbound"], facts  # RTCP sender reports count them
     assert facts["packed"], facts  # the MID-only header is packed, not built through RtpPacket
+    assert facts["released"], facts  # drop() gave the socket back and unhooked the connection
     assert tone_power(recording, RATE, TONE) > 0.5, "the speaker's tone is what the listener hears"
 
 
@@ -337,3 +346,23 @@ def test_a_return_packet_is_the_bytes_aiortc_would_have_built() -> None:
     assert facts["next"] == (1, 960 * 2), facts
     assert facts["rtp_timestamp"] == 960, facts  # the last packet's
     assert facts["packets"] == 3 and facts["octets"] == 3 * 80, facts
+
+
+def test_a_return_that_fails_to_send_costs_the_other_returns_nothing() -> None:
+    """The tick's delivery: one return whose packet cannot be protected (as SRTP refuses it)
+    is counted and logged, and every other return of the tick still gets its packet."""
+    from townhall.stage import room as room_module
+
+    class Refusing:
+        def send(self, payload: bytes, samples: int) -> bool:
+            raise pylibsrtp.Error("protect failed")
+
+    async def scenario() -> tuple[int, int, int]:
+        first, failing, last = MixTrack(), MixTrack(), MixTrack()
+        failing.bypass = Refusing()  # type: ignore[assignment]
+        packet = av.Packet(b"\xfc" * 10)
+        before = room_module._DELIVERY_FAILED.count
+        room_module._deliver([(first, packet), (failing, packet), (last, packet)])
+        return first.queue.qsize(), last.queue.qsize(), room_module._DELIVERY_FAILED.count - before
+
+    assert asyncio.run(scenario()) == (1, 1, 1)

@@ -181,9 +181,15 @@ class _Encoder:
                 self._loop.call_soon_threadsafe(_deliver, done)
 
 
+_DELIVERY_FAILED = ErrorLog("a mix-minus packet could not be sent")
+
+
 def _deliver(done: list[tuple[MixTrack, av.Packet[Any]]]) -> None:
     for track, packet in done:
-        track.offer(packet)
+        try:
+            track.offer(packet)
+        except Exception:  # one return that fails (e.g. SRTP protect) costs the others nothing
+            _DELIVERY_FAILED.report()
 
 
 class _Rechunker:
@@ -278,8 +284,7 @@ class InlineDecoding(queue.Queue[Any]):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:
-            if self.bypass is not None:
-                self.bypass.remove()
+            self.close()
             super().put(None, block, timeout)
             return
         codec, encoded = item
@@ -304,6 +309,12 @@ class InlineDecoding(queue.Queue[Any]):
             return
         if frames:
             self._on_frames(frames)
+
+    def close(self) -> None:
+        """Give the speaker's socket back to aiortc's path (once; the session is ending)."""
+        bypass, self.bypass = self.bypass, None
+        if bypass is not None:
+            bypass.remove()
 
     def poll(self) -> None:
         """Read the speaker's packets waiting in its socket, once they bypass aiortc."""
@@ -417,7 +428,9 @@ class Room:
 
     async def drop(self, peer_id: str) -> bool:
         peer = self.peers.pop(peer_id, None)
-        self._inbound.pop(peer_id, None)
+        decoding = self._inbound.pop(peer_id, None)
+        if decoding is not None:
+            decoding.close()  # its socket back to aiortc before the peer connection closes
         if peer is None:
             return False
         if peer.kind == "whip" and not any(
