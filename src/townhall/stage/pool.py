@@ -135,6 +135,15 @@ class Placement:
         self.where.pop(space_id, None)
 
 
+def merged_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage processes' statistics as one: ``rooms`` merged, ``at`` the oldest report (every
+    room in it is at least that fresh)."""
+    rooms: dict[str, Any] = {}
+    for report in reports:
+        rooms.update(report.get("rooms", {}))
+    return {"at": min((float(r["at"]) for r in reports), default=0.0), "rooms": rooms}
+
+
 class StagePool:
     """The node's stage processes, with the shape of one ``StageProcess`` (see the module)."""
 
@@ -278,11 +287,7 @@ class StagePool:
     def stats(self) -> dict[str, Any]:
         """Every process's last statistics: ``rooms`` merged, ``at`` the oldest report among the
         running processes (every room in it is at least that fresh)."""
-        reports = [p.stats for p in self.processes if p.running]
-        rooms: dict[str, Any] = {}
-        for report in reports:
-            rooms.update(report.get("rooms", {}))
-        return {"at": min((float(r["at"]) for r in reports), default=0.0), "rooms": rooms}
+        return merged_stats([p.stats for p in self.processes if p.running])
 
     def speaker_seen_since(self, space_id: str, speaker: str, since: float) -> bool:
         return any(p.speaker_seen_since(space_id, speaker, since) for p in self.processes)
@@ -298,11 +303,7 @@ class StagePool:
         return process.levels(space_id) if process is not None else {}
 
     async def fresh_stats(self) -> dict[str, Any]:
-        reports = [await p.fresh_stats() for p in self.processes if p.running]
-        rooms: dict[str, Any] = {}
-        for report in reports:
-            rooms.update(report.get("rooms", {}))
-        return {"at": min((float(r["at"]) for r in reports), default=0.0), "rooms": rooms}
+        return merged_stats([await p.fresh_stats() for p in self.processes if p.running])
 
     # -- requests, routed to the space's process ------------------------------------------------
 
